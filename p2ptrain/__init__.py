@@ -1,0 +1,10 @@
+"""p2ptrain: train one model together, peer to peer, with a ledger of who did which work.
+
+cli        -- the ``p2ptrain`` command (the only module that prints)
+config     -- Settings: defaults < TOML profile (peers/*.toml) < flags
+errors     -- UserError: a problem reported as one line and a non-zero exit
+identity   -- the peer's Ed25519 key: libp2p identity, signing key, readable name
+names      -- three-word names derived from a public key
+tasks      -- the Task interface and the built-in tasks (digits-mlp, fashion-mlp)
+"""
+__version__ = "0.1.0"
