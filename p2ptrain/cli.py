@@ -32,6 +32,26 @@ def cmd_identity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from p2ptrain.checkpoint import load_checkpoint
+    from p2ptrain.metrics import evaluate
+    from p2ptrain.tasks import load_task
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    task = load_task(args.task or checkpoint.task, args.data_dir)
+    model = task.make_model()
+    checkpoint.apply(model)
+    # Task has no class_names field yet; picked up here as soon as it does
+    metrics = evaluate(model, task, class_names=getattr(task, "class_names", None))
+    if args.json:
+        print(json.dumps({**metrics.to_dict(), "epoch": checkpoint.epoch, "task": task.name}))
+    else:
+        console.print(f"[bold]{task.name}[/] checkpoint {checkpoint.directory}, global epoch {checkpoint.epoch}",
+                      soft_wrap=True)
+        console.print(metrics)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2ptrain", description="Train one model together, peer to peer.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
@@ -41,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--identity", type=Path, help="key file (default: ~/.p2ptrain/identity.key)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_identity)
+
+    p = sub.add_parser("evaluate", help="test a checkpoint: accuracy, per-class precision/recall/F1, confusion matrix")
+    p.add_argument("--checkpoint", type=Path, required=True, metavar="DIR", help="a checkpoint directory")
+    p.add_argument("--task", help="task to evaluate on (default: the one recorded in the checkpoint)")
+    p.add_argument("--data-dir", type=Path, metavar="DIR", help="where the task's data lives")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 
