@@ -52,6 +52,287 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+BOOTSTRAP_PORT = 31337  # a fixed default so the bootstrap's address survives restarts
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    """Our INFO logs and hivemind's warnings on stderr; hivemind's tracebacks only with --debug."""
+    import logging
+
+    from hivemind.utils.logging import use_hivemind_log_handler
+    from rich.logging import RichHandler
+
+    use_hivemind_log_handler("nowhere")
+    quiet, plain = getattr(args, "quiet", False), getattr(args, "log_format", "rich") == "plain"
+    handler: logging.Handler
+    if plain or not err_console.is_terminal:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    else:
+        handler = RichHandler(console=err_console, show_path=False, rich_tracebacks=args.debug)
+    if not args.debug:
+        handler.addFilter(_no_hivemind_tracebacks)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, handlers=[handler], force=True)
+    logging.getLogger("p2ptrain").setLevel(logging.WARNING if quiet else logging.DEBUG if args.debug else logging.INFO)
+    logging.getLogger("hivemind").setLevel(logging.DEBUG if args.debug else logging.ERROR if quiet else logging.WARNING)
+
+
+def _no_hivemind_tracebacks(record) -> bool:
+    if record.name.startswith("hivemind"):
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
+
+
+def _settings(args: argparse.Namespace):
+    from p2ptrain.config import resolve
+
+    return resolve(getattr(args, "config", None), vars(args))
+
+
+def _print_started(started, *, role: str) -> None:
+    console.print(f"[bold green]{role} {started.name}[/] ({started.peer_id}) is up.")
+    if started.new_swarm:
+        console.print("Started a new swarm. Others join with:")
+    else:
+        console.print("Joined the swarm. Others can also join through this peer:")
+    console.print(f"  {started.join_line}", soft_wrap=True)
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    from p2ptrain.peer import run_join
+
+    setup_logging(args)
+    settings = _settings(args)
+    finished = run_join(settings, on_started=lambda s: _print_started(s, role="peer"))
+    summary = {"name": finished.name, "epoch": finished.epoch, "accuracy": finished.accuracy,
+               "checkpoint": finished.checkpoint_dir, "interrupted": finished.interrupted,
+               "steps": finished.stats["steps"], "samples": finished.stats["samples"],
+               "compute_seconds": round(finished.stats["compute_seconds"], 3),
+               "rounds": finished.stats["rounds"], "rounds_averaged": finished.stats["rounds_averaged"]}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        verb = "stopped" if finished.interrupted else "finished"
+        accuracy = f"{finished.accuracy:.4f}" if finished.accuracy is not None else "n/a"
+        console.print(f"{verb} at epoch {finished.epoch}: test accuracy {accuracy}; "
+                      f"{finished.stats['rounds_averaged']}/{finished.stats['rounds']} rounds averaged with peers; "
+                      f"checkpoint in {finished.checkpoint_dir}")
+    return 0
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from p2ptrain.peer import run_bootstrap
+
+    setup_logging(args)
+    if "port" not in vars(args) and "host_maddrs" not in vars(args):
+        args.port = BOOTSTRAP_PORT
+    settings = _settings(args)
+    run_bootstrap(settings, on_started=lambda s: _print_started(s, role="bootstrap peer"))
+    console.print("bootstrap peer stopped")
+    return 0
+
+
+def _add_network_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("network")
+    g.add_argument("--initial-peers", nargs="+", metavar="MADDR", help="addresses of peers already in the swarm")
+    g.add_argument("--run-id", help="name of the training run (default: p2ptrain)")
+    g.add_argument("--identity", type=Path, help="key file (default: ~/.p2ptrain/identity.key)")
+    g.add_argument("--port", type=int, help="TCP port to listen on (default: any free port)")
+    g.add_argument("--host-maddrs", nargs="+", metavar="MADDR", help="listen addresses, overriding --port")
+    g.add_argument("--announce-maddrs", nargs="+", metavar="MADDR", help="public addresses to announce")
+    g.add_argument("--config", type=Path, metavar="FILE", help="a TOML profile, e.g. peers/trainer.toml")
+    g.add_argument("--client-mode", action="store_true", help="behind NAT: connect out only")
+    g.add_argument("--join-timeout", type=float, metavar="SECONDS", help="keep retrying initial peers this long")
+    g = p.add_argument_group("output")
+    g.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    g.add_argument("--log-format", choices=["rich", "plain"], default="rich", help="plain: one line per event")
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--auxiliary", action="store_true", help="help average, compute no gradients")
+    g.add_argument("--task", help="digits-mlp (default), fashion-mlp, or package.module:factory")
+    g.add_argument("--data-dir", type=Path, help="where the task's data lives")
+    g.add_argument("--batch-size", type=int, help="local batch size (default: the task's)")
+    g.add_argument("--target-batch-size", type=int, help="samples the swarm accumulates per global epoch")
+    g.add_argument("--max-epochs", type=int, help="stop at this global epoch")
+    g.add_argument("--lr", type=float, help="learning rate")
+    g.add_argument("--seed", type=int, help="seed for the initial weights (same for every peer)")
+    g.add_argument("--checkpoint-dir", type=Path, help="default: ~/.p2ptrain/runs/<run>/<name>/checkpoint")
+    g.add_argument("--checkpoint-every", type=int, metavar="EPOCHS", help="checkpoint interval (default: 10)")
+    g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    g.add_argument("--delay-updates", action=argparse.BooleanOptionalAction,
+                   help="overlap averaging with the next epoch's compute (one stale step)")
+    g.add_argument("--matchmaking-time", type=float, metavar="SECONDS", help="time to gather an averaging group")
+    g.add_argument("--averaging-timeout", type=float, metavar="SECONDS", help="give up on a round after this")
+    g.add_argument("--min-peers", type=int, help="wait for this many training peers before starting (default: 1)")
+    g.add_argument("--torch-threads", type=int, help="torch threads for this peer (default: 1)")
+    g.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+
+
+# ---- ledger ----------------------------------------------------------------------------------------------
+
+DEFAULT_RUN_ID = "p2ptrain"
+
+
+def _ledger_path(args: argparse.Namespace) -> Path:
+    """--ledger PATH, or the file a `join` peer writes: <home>/runs/<run id>/<peer name>/ledger.sqlite."""
+    if args.ledger is not None:
+        return args.ledger
+    from p2ptrain.identity import Identity, default_home  # imports hivemind (2 s): only when needed
+    from p2ptrain.ledger.store import default_ledger_path
+
+    key = args.identity or default_home() / "identity.key"
+    if not key.exists():
+        raise UserError(f"no identity at {key}, so no default ledger; pass --ledger PATH or --identity FILE")
+    return default_ledger_path(default_home(), args.run_id or DEFAULT_RUN_ID, Identity.load(key).name)
+
+
+def _ledger_entries(path: Path) -> tuple[list, str | None, str]:
+    """(records with where each is stored, the ledger's run id, a label) from an SQLite ledger or a JSONL file."""
+    from p2ptrain.ledger.store import Ledger, is_sqlite, read_jsonl
+
+    if path.is_file() and not is_sqlite(path):
+        records = read_jsonl(path)
+        return [(record, f"line {number}") for number, record in enumerate(records, 1)], None, f"{path} (JSONL)"
+    with Ledger(path, create=False) as ledger:
+        return ledger.entries(), ledger.run_id, str(path)
+
+
+def cmd_ledger_show(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from p2ptrain.names import readable_name
+
+    entries, run_id, label = _ledger_entries(_ledger_path(args))
+    records = [record for record, _ in entries]
+    if args.peer:
+        wanted = args.peer.lower()
+        records = [r for r in records if readable_name(r.public_key) == wanted or r.public_key.hex().startswith(wanted)]
+        if not records:
+            raise UserError(f"no records of peer {args.peer!r} in {label}")
+    if args.json:
+        print(json.dumps({"ledger": label, "run_id": run_id, "records": [
+            {**r.to_dict(), "hash": r.hash, "peer": readable_name(r.public_key)} for r in records]}))
+        return 0
+    table = Table(title=f"{label}: {len(records)} records", title_justify="left", box=None)
+    for column in ("epoch", "kind", "peer", "seq", "samples", "detail", "hash"):
+        table.add_column(column, justify="right" if column in ("epoch", "seq", "samples") else "left",
+                         no_wrap=column != "detail")
+    for r in records:
+        if r.kind == "claim":
+            samples, detail = r.samples, f"{r.compute_seconds:.1f} s, loss {r.mean_loss}"
+        else:
+            samples, detail = r.weights[r.public_key], f"group {r.group_id[:8]} of {len(r.members)}"
+        table.add_row(str(r.epoch), r.kind, readable_name(r.public_key), str(r.seq), str(samples), detail, r.hash[:8])
+    console.print(table)
+    return 0
+
+
+def cmd_ledger_verify(args: argparse.Namespace) -> int:
+    from p2ptrain.ledger.audit import verify
+
+    if args.source is not None and args.ledger is not None:
+        raise UserError("give either FILE or --ledger PATH, not both")
+    if args.source is not None:
+        args.ledger = args.source
+    entries, run_id, label = _ledger_entries(_ledger_path(args))
+    report = verify(entries, run_id=run_id)
+    summary = report.summary()
+    if args.json:
+        print(json.dumps({"ledger": label, **summary, "problems": [p.to_dict() for p in report.problems]}))
+        return 0 if report.ok else 1
+    console.print(f"{label} (run {report.run_id}): {summary['records']} records from {summary['peers']} peers, "
+                  f"{summary['claims']} claims, {summary['receipts']} receipts ({summary['cosignatures']} co-signatures)",
+                  soft_wrap=True)
+    if report.ok:
+        console.print("[green]clean:[/] every signature, chain and claim checks out")
+        return 0
+    console.print(f"[red]{len(report.problems)} problem{'s' if len(report.problems) != 1 else ''}:[/]")
+    for problem in report.problems:
+        console.print(f"  {problem.describe()}", soft_wrap=True, markup=False)
+    return 1
+
+
+def cmd_ledger_fairness(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from p2ptrain.ledger.fairness import fairness
+
+    entries, run_id, label = _ledger_entries(_ledger_path(args))
+    report = fairness(entries, run_id=run_id)
+    if args.json:
+        print(json.dumps({"ledger": label, **report.to_dict()}))
+        return 0
+    table = Table(title=f"{label} (run {report.audit.run_id}): work per peer", title_justify="left", box=None)
+    for column in ("peer", "claimed", "attested", "compute", "epochs", "share", "held-out Δ", "flags"):
+        table.add_column(column, justify="left" if column in ("peer", "flags") else "right", no_wrap=column != "flags")
+    for p in report.peers:
+        delta = "" if p.heldout_delta is None else f"{p.heldout_delta:+.4f}"
+        table.add_row(p.name, str(p.samples_claimed), str(p.samples_attested), f"{p.compute_seconds:.1f} s",
+                      str(p.epochs_joined), f"{100 * p.share:.1f}%", delta, ", ".join(p.flags))
+    console.print(table)
+    console.print(f"swarm: {report.total_attested} attested samples, Gini of work shares {report.gini:.3f}, "
+                  f"{len(report.flagged)} flagged peer{'s' if len(report.flagged) != 1 else ''}"
+                  + (f" ({', '.join(report.flagged)})" if report.flagged else ""), soft_wrap=True)
+    console.print("did the work: 'attested' counts samples that groupmates co-signed in a receipt; "
+                  "the work helped: 'held-out Δ' is the mean drop of held-out loss over the rounds a peer joined "
+                  + ("(blank where peers report none)" if report.heldout_first is not None else
+                     "(no peer reported a held-out loss)"), soft_wrap=True, style="dim")
+    return 0
+
+
+def cmd_ledger_export(args: argparse.Namespace) -> int:
+    from p2ptrain.ledger.store import Ledger
+
+    path = _ledger_path(args)
+    with Ledger(path, create=False) as ledger:
+        count = ledger.export_jsonl(args.file)
+    if args.json:
+        print(json.dumps({"ledger": str(path), "file": str(args.file), "records": count}))
+    else:
+        console.print(f"exported {count} records from {path} to {args.file}", soft_wrap=True)
+    return 0
+
+
+def cmd_ledger_import(args: argparse.Namespace) -> int:
+    from p2ptrain.ledger.store import Ledger
+
+    path = _ledger_path(args)
+    with Ledger(path, create=True, run_id=args.run_id) as ledger:
+        added, present = ledger.import_jsonl(args.file)
+    if args.json:
+        print(json.dumps({"ledger": str(path), "file": str(args.file), "added": added, "already_present": present}))
+    else:
+        console.print(f"imported {added} new records into {path} ({present} already present)", soft_wrap=True)
+    return 0
+
+
+def _add_ledger_parser(sub: argparse._SubParsersAction) -> None:
+    ledger = sub.add_parser("ledger", help="show, verify, export and import the contribution ledger")
+    commands = ledger.add_subparsers(dest="ledger_command", required=True, metavar="ACTION")
+
+    def add(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = commands.add_parser(name, help=help)
+        p.add_argument("--ledger", type=Path, metavar="PATH",
+                       help="ledger file (default: ~/.p2ptrain/runs/<run id>/<peer name>/ledger.sqlite)")
+        p.add_argument("--identity", type=Path, help="key file naming the peer (default: ~/.p2ptrain/identity.key)")
+        p.add_argument("--run-id", help="run whose ledger to use (default: p2ptrain)")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("show", cmd_ledger_show, "list the ledger's records")
+    p.add_argument("--peer", metavar="NAME", help="only this peer's records (three-word name or public key prefix)")
+    p = add("verify", cmd_ledger_verify, "check signatures, hash chains and claims against receipts (exit 1: problems)")
+    p.add_argument("source", nargs="?", type=Path, metavar="FILE", help="a ledger file or JSONL export to check")
+    add("fairness", cmd_ledger_fairness, "work per peer, shares of attested work and their Gini coefficient")
+    p = add("export", cmd_ledger_export, "write the ledger as JSONL that anyone can verify offline")
+    p.add_argument("file", type=Path, metavar="FILE.jsonl")
+    p = add("import", cmd_ledger_import, "add the records of a JSONL file to the ledger (all or nothing)")
+    p.add_argument("file", type=Path, metavar="FILE.jsonl")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2ptrain", description="Train one model together, peer to peer.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
@@ -68,6 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, metavar="DIR", help="where the task's data lives")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("join", help="train with a swarm (or start a new one)", argument_default=argparse.SUPPRESS)
+    _add_network_options(p)
+    _add_training_options(p)
+    p.set_defaults(func=cmd_join, json=False)
+
+    p = sub.add_parser("bootstrap", help="run a DHT-only peer with a stable address for others to join through",
+                       argument_default=argparse.SUPPRESS)
+    _add_network_options(p)
+    p.set_defaults(func=cmd_bootstrap)
+    _add_ledger_parser(sub)
     return parser
 
 

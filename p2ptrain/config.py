@@ -26,6 +26,7 @@ class Settings:
     client_mode: bool = False  # behind NAT: dial out only, never accept connections
     auxiliary: bool = False  # help with averaging, compute no gradients
     join_timeout: float = 60.0  # seconds to keep retrying unreachable initial peers
+    min_peers: int = 1  # wait until this many training peers are in the swarm before the first step
 
     # --- training
     task: str = "digits-mlp"
@@ -38,8 +39,9 @@ class Settings:
     checkpoint_dir: Path | None = None  # default: <run dir>/checkpoint
     checkpoint_every: int = 10  # global epochs between checkpoints (one is always written on exit)
     resume: bool = False  # continue from the checkpoint in checkpoint_dir
-    matchmaking_time: float = 2.0  # seconds to gather an averaging group
-    averaging_timeout: float = 30.0  # give up on an averaging round after this many seconds
+    delay_updates: bool | None = None  # overlap averaging with the next epoch's compute (default: the task's)
+    matchmaking_time: float = 1.0  # seconds to gather an averaging group
+    averaging_timeout: float = 10.0  # give up on a round after this long: a peer that misses one moves on
     torch_threads: int = 1  # one thread per peer keeps several peers on one machine from fighting
 
     def as_dict(self) -> dict[str, Any]:
@@ -104,7 +106,7 @@ def resolve(profile: Path | None, flags: dict[str, Any]) -> Settings:
 
 
 def validate(s: Settings) -> None:
-    for name in ("batch_size", "target_batch_size", "max_epochs", "checkpoint_every", "torch_threads"):
+    for name in ("batch_size", "target_batch_size", "max_epochs", "checkpoint_every", "torch_threads", "min_peers"):
         value = getattr(s, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")

@@ -1,0 +1,120 @@
+"""Running a peer from its settings: the glue between identity, swarm, task and trainer.
+
+``run_join`` and ``run_bootstrap`` own every resource they start and release it in ``finally``;
+they report through callbacks so that ``cli.py`` alone decides what is printed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from p2ptrain.config import Settings
+from p2ptrain.errors import UserError
+from p2ptrain.identity import Identity, IdentityLock, default_home
+from p2ptrain.presence import Heartbeat
+from p2ptrain.snapshot import PeerReport
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Started:
+    """What a peer tells its user once it is in the swarm."""
+
+    name: str
+    peer_id: str
+    join_line: str
+    addresses: list[str]
+    new_swarm: bool
+
+
+@dataclass(frozen=True)
+class Finished:
+    name: str
+    epoch: int
+    accuracy: float | None
+    checkpoint_dir: str
+    stats: dict
+    interrupted: bool
+
+
+def run_dir(settings: Settings, identity: Identity) -> Path:
+    """Per-run, per-peer directory for checkpoints and the ledger."""
+    return default_home() / "runs" / settings.run_id / identity.name
+
+
+def load_identity(settings: Settings, default_name: str = "identity.key") -> Identity:
+    return Identity.load_or_create(settings.identity or default_home() / default_name)
+
+
+def run_join(settings: Settings, *, on_started: Callable[[Started], None],
+             on_progress: Callable | None = None) -> Finished:
+    """Join (or start) a swarm and train until ``max_epochs`` or a stop signal."""
+    from p2ptrain.swarm import join_line, start_dht, visible_addresses
+    from p2ptrain.tasks import load_task
+    from p2ptrain.trainer import Trainer
+
+    identity = load_identity(settings)
+    task = load_task(settings.task, settings.data_dir)  # fail on a bad task before touching the network
+    checkpoint_dir = settings.checkpoint_dir or run_dir(settings, identity) / "checkpoint"
+    if settings.resume:
+        from p2ptrain.checkpoint import load_checkpoint
+        load_checkpoint(checkpoint_dir)  # a missing or corrupt checkpoint fails here, before joining
+    logger.info("effective settings: " + json.dumps(settings.as_dict(), sort_keys=True))
+
+    with IdentityLock(identity):
+        dht = start_dht(settings, identity)
+        trainer = None
+        try:
+            on_started(Started(identity.name, identity.peer_id, join_line(dht, settings.run_id),
+                               visible_addresses(dht), new_swarm=not settings.initial_peers))
+            trainer = Trainer(settings, task, identity, dht, checkpoint_dir=checkpoint_dir)
+            if settings.resume:
+                trainer.resume()
+            heartbeat = Heartbeat(dht, settings.run_id, identity.public_key.hex(), trainer.report)
+            heartbeat.start()
+            try:
+                stats = trainer.run(on_progress)
+            finally:
+                heartbeat.leave()
+            return Finished(identity.name, trainer.opt.local_epoch, getattr(trainer, "final_accuracy", None),
+                            str(checkpoint_dir), {k: v for k, v in vars(stats).items()},
+                            interrupted=trainer.stop_requested.is_set())
+        finally:
+            if trainer is not None:
+                trainer.shutdown()
+            dht.shutdown()
+
+
+def run_bootstrap(settings: Settings, *, on_started: Callable[[Started], None]) -> None:
+    """A DHT-only peer with a stable address; serves until SIGINT/SIGTERM."""
+    from p2ptrain.swarm import join_line, start_dht, visible_addresses
+
+    identity = load_identity(settings, default_name="bootstrap.key")
+    stop = threading.Event()
+    with IdentityLock(identity):
+        dht = start_dht(settings, identity)
+        try:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, lambda *_: stop.set())
+            on_started(Started(identity.name, identity.peer_id, join_line(dht, settings.run_id),
+                               visible_addresses(dht), new_swarm=not settings.initial_peers))
+            started = time.time()
+            heartbeat = Heartbeat(dht, settings.run_id, identity.public_key.hex(), lambda: PeerReport(
+                peer_id=identity.peer_id, name=identity.name, role="bootstrap", client_mode=dht.client_mode,
+                epoch=0, samples_accumulated=0, samples_per_second=0.0, loss=None, time=time.time()))
+            heartbeat.start()
+            while not stop.wait(1.0):
+                if not dht.is_alive():
+                    raise UserError("the DHT process died; see the log above")
+            heartbeat.leave()
+            logger.info(f"bootstrap peer served for {time.time() - started:.0f}s")
+        finally:
+            dht.shutdown()
+

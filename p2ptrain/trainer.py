@@ -1,0 +1,328 @@
+"""One training peer: the local loop around ``hivemind.Optimizer``.
+
+Read top to bottom: build the model and optimizer, load state (checkpoint or swarm), then loop over
+deterministic batches until the swarm reaches ``max_epochs`` or a stop signal arrives.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from functools import partial
+from typing import Callable
+
+import hivemind
+import torch
+from hivemind.optim.grad_averager import GradientAverager
+from hivemind.utils.crypto import RSAPrivateKey
+
+from p2ptrain.config import Settings
+from p2ptrain.errors import UserError
+from p2ptrain.identity import Identity
+from p2ptrain.presence import read_reports
+from p2ptrain.snapshot import PeerReport
+from p2ptrain.tasks import Task
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Stats:
+    """What a peer measured about its own run (also the source of its live status line)."""
+
+    started: float = field(default_factory=time.time)
+    steps: int = 0
+    samples: int = 0
+    compute_seconds: float = 0.0  # forward + backward only
+    rounds: int = 0  # global epochs this peer took part in
+    rounds_averaged: int = 0  # ... of which its gradients were averaged with at least one other peer
+    last_group_size: int = 0
+    last_loss: float | None = None
+    rollbacks: int = 0
+    state_downloads: int = 0
+    epoch: int = 0
+    samples_accumulated: int = 0
+    stage: str = "starting"
+
+
+class SwarmOptimizer(hivemind.Optimizer):
+    """``hivemind.Optimizer`` that reports how each averaging round ended."""
+
+    def __init__(self, *, on_round: Callable[[int], None], **kwargs):
+        self._on_round = on_round
+        super().__init__(**kwargs)
+
+    def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
+        group_size = 0
+        try:
+            if maybe_step_control is not None:
+                gathered = maybe_step_control.result(self.averaging_timeout)
+                group_size = len(gathered)
+                self._load_averaged_gradients_into_optimizer_()
+        except BaseException as e:
+            logger.info(f"averaging gradients failed ({e!r}); using local gradients for this epoch")
+            group_size = 0
+        if group_size == 0:
+            self._load_local_gradients_into_optimizer()
+        self._on_round(group_size)
+
+    def _maybe_schedule_gradient_averaging(self) -> None:
+        """Never pre-schedule: a round starts when the epoch ends, so what it gathers is final."""
+
+    def _begin_averaging_gradients(self, grad_scaler) -> bool:
+        # Without pre-scheduling, scheduled_grads still holds the previous epoch's (finished) round;
+        # hivemind would mistake it for a used pre-scheduled group and skip averaging this epoch.
+        if self.scheduled_grads is not None and (self.scheduled_grads.triggered or self.scheduled_grads.done()):
+            self.scheduled_grads = None
+        return super()._begin_averaging_gradients(grad_scaler)
+
+
+class Trainer:
+    """Trains ``task`` as one peer of the swarm reachable through ``dht``."""
+
+    def __init__(self, settings: Settings, task: Task, identity: Identity, dht: hivemind.DHT, *,
+                 checkpoint_dir: Path):
+        self.settings, self.task, self.identity, self.dht = settings, task, identity, dht
+        self.checkpoint_dir = checkpoint_dir
+        self.stats = Stats()
+        self.stop_requested = threading.Event()
+        self.batch_size = settings.batch_size or task.batch_size
+        self.max_epochs = settings.max_epochs or task.max_epochs
+        self.delay_updates = task.delay_updates if settings.delay_updates is None else settings.delay_updates
+
+        torch.set_num_threads(settings.torch_threads)
+        torch.manual_seed(settings.seed)  # every peer starts from the same weights
+        self.model = task.make_model()
+        lr = settings.lr or task.lr
+        self.opt = SwarmOptimizer(
+            on_round=self._record_round,
+            dht=dht,
+            run_id=settings.run_id,
+            params=self.model.parameters(),
+            optimizer=lambda params: task.make_optimizer(params, lr),
+            target_batch_size=settings.target_batch_size or task.target_batch_size,
+            batch_size_per_step=None if settings.auxiliary else self.batch_size,
+            matchmaking_time=settings.matchmaking_time,
+            averaging_timeout=settings.averaging_timeout,
+            # delayed: averaging and the optimizer step run in the background while the next epoch
+            # computes, buying compute that never waits for the network at the price of one stale step
+            delay_optimizer_step=self.delay_updates,
+            delay_grad_averaging=self.delay_updates,
+            average_state_every=5,  # weights stay in sync through identical averaged gradients; this repairs drift
+            client_mode=dht.client_mode,  # hivemind inverts this argument; pass it explicitly (see notes)
+            auxiliary=settings.auxiliary,
+            tracker_opts=dict(private_key=RSAPrivateKey(), min_refresh_period=0.25, default_refresh_period=1.0),
+            # a request timeout below the matchmaking time avoids matchmaking deadlocks (hivemind warns otherwise)
+            averager_opts=dict(request_timeout=settings.matchmaking_time / 2),
+            grad_averager_factory=partial(GradientAverager, request_timeout=settings.matchmaking_time / 2),
+        )
+        self._last_good = self._snapshot()
+        self._install_signal_handlers()  # after the averagers: they set SIGINT to SIG_IGN when they start
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, _frame):
+            logger.info(f"received {signal.Signals(signum).name}: finishing the current step and leaving")
+            self.stop_requested.set()
+
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGTERM, request_stop)
+
+    def sync_with_swarm(self) -> bool:
+        """Download the model and optimizer state if the swarm is ahead of us (late joiner)."""
+        if self.opt.tracker.global_epoch > self.opt.local_epoch:
+            self.stats.stage = "loading state"
+            logger.info(f"swarm is at epoch {self.opt.tracker.global_epoch}: downloading its state")
+            self.opt.load_state_from_peers()
+            self.stats.state_downloads += 1
+            self._last_good = self._snapshot()
+            logger.info(f"state downloaded: now at epoch {self.opt.local_epoch}")
+            return True
+        return False
+
+    def wait_for_peers(self) -> None:
+        """Hold the first step until ``min_peers`` training peers report, so a swarm starts together."""
+        deadline = time.monotonic() + self.settings.join_timeout
+        while (peers := self._count_trainers()) < self.settings.min_peers:
+            self.stats.stage = f"waiting for peers ({peers}/{self.settings.min_peers})"
+            if self.stop_requested.wait(0.5):
+                return
+            if time.monotonic() > deadline:
+                raise UserError(f"only {peers} of {self.settings.min_peers} peers joined within "
+                                f"{self.settings.join_timeout:g}s (--min-peers); start more peers or lower it")
+
+    def _wait_for_tracker(self) -> None:
+        """After the first step, wait until hivemind's progress tracker sees ``min_peers`` peers.
+
+        The tracker learns of a peer only after that peer reports samples; without this wait the
+        first peer to start would finish several epochs alone before it notices the others.
+        """
+        tracker, deadline = self.opt.tracker, time.monotonic() + self.settings.join_timeout
+        while tracker.global_progress.num_peers < self.settings.min_peers and time.monotonic() < deadline:
+            tracker.global_progress.next_fetch_time = 0  # ask the tracker's fetcher for a fresh read now
+            tracker.global_state_updated.set()
+            if self.stop_requested.wait(0.2):
+                return
+
+    def _count_trainers(self) -> int:
+        return sum(r.role == "trainer" and not r.leaving for r in read_reports(self.dht, self.settings.run_id))
+
+    def report(self) -> PeerReport:
+        """This peer's heartbeat record (see presence.py)."""
+        return PeerReport(
+            peer_id=self.identity.peer_id, name=self.identity.name,
+            role="auxiliary" if self.settings.auxiliary else "trainer", client_mode=self.dht.client_mode,
+            epoch=self.opt.local_epoch, samples_accumulated=self.opt.tracker.local_progress.samples_accumulated,
+            samples_per_second=float(self.opt.tracker.performance_ema.samples_per_second),
+            loss=self.stats.last_loss, time=time.time())
+
+    def run(self, on_progress: Callable[[Stats], None] | None = None) -> Stats:
+        """Train until the swarm's epoch reaches ``max_epochs`` or a stop is requested."""
+        self.wait_for_peers()
+        self.sync_with_swarm()
+        self.stats.stage = "training"
+        if self.settings.auxiliary:
+            return self._run_auxiliary(on_progress)
+        step, losses, last_report = 0, [], 0.0
+        while not self.stop_requested.is_set() and self.opt.local_epoch < self.max_epochs:
+            inputs, labels = self.task.batch(self.settings.run_id, self.identity.peer_id, step, self.batch_size)
+            begin = time.perf_counter()
+            loss = self.task.loss(self.model(inputs), labels)
+            loss.backward()
+            self.stats.compute_seconds += time.perf_counter() - begin
+            step += 1
+            if not self._finite(loss):
+                self._roll_back(f"loss is {loss.item()}")
+                continue
+            epoch_before = self.opt.local_epoch
+            self.opt.step()
+            self.opt.zero_grad()
+            if step == 1:
+                self._wait_for_tracker()
+            losses.append(loss.item())
+            self.stats.steps, self.stats.samples = step, self.stats.samples + len(labels)
+            if self.opt.local_epoch != epoch_before:
+                self._on_epoch(losses)
+                losses = []
+            if on_progress and time.monotonic() - last_report > 0.25:
+                last_report = time.monotonic()
+                self._refresh_stats(losses)
+                on_progress(self.stats)
+        self.finish()
+        return self.stats
+
+    def _run_auxiliary(self, on_progress) -> Stats:
+        while not self.stop_requested.is_set() and self.opt.local_epoch < self.max_epochs:
+            self.opt.step()  # joins averaging rounds with weight 0, computes nothing
+            self._refresh_stats([])
+            if on_progress:
+                on_progress(self.stats)
+            self.stop_requested.wait(0.2)
+        self.finish()
+        return self.stats
+
+    def finish(self) -> None:
+        """Apply the last delayed update and write a checkpoint."""
+        self.stats.stage = "leaving"
+        self.opt.state_averager.step(wait_for_delayed_updates=True)
+        if not self._weights_finite():
+            self._restore(self._last_good)
+        self.save_checkpoint()
+
+    def shutdown(self) -> None:
+        self.opt.shutdown()
+
+    # --- per-epoch bookkeeping ----------------------------------------------------------------
+
+    def _record_round(self, group_size: int) -> None:
+        self.stats.rounds += 1
+        self.stats.last_group_size = group_size
+        if group_size > 1:
+            self.stats.rounds_averaged += 1
+
+    def _on_epoch(self, losses: list[float]) -> None:
+        epoch = self.opt.local_epoch
+        self._refresh_stats(losses)
+        logger.info(f"epoch {epoch}: loss {self.stats.last_loss or float('nan'):.4f}, "
+                    f"last round with {self.stats.last_group_size} peers")
+        if self._weights_finite():
+            self._last_good = self._snapshot()
+        else:
+            self._roll_back("weights became non-finite")
+        every = self.settings.checkpoint_every
+        if epoch % every == 0 and epoch < self.max_epochs:  # the last one is written by finish()
+            self.save_checkpoint()
+
+    def _refresh_stats(self, losses: list[float]) -> None:
+        if losses:
+            self.stats.last_loss = sum(losses) / len(losses)
+        self.stats.epoch = self.opt.local_epoch
+        self.stats.samples_accumulated = self.opt.tracker.global_progress.samples_accumulated
+
+    # --- bad numbers never reach the swarm ----------------------------------------------------
+
+    @staticmethod
+    def _finite(loss: torch.Tensor) -> bool:
+        return bool(torch.isfinite(loss).all())
+
+    def _weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+
+    def _roll_back(self, reason: str) -> None:
+        """Drop this step's gradients and return to the last good weights instead of sharing garbage."""
+        logger.warning(f"{reason}: rolling back to the state of epoch {self._last_good['epoch']}")
+        self.stats.rollbacks += 1
+        self.opt.zero_grad()
+        self._restore(self._last_good)
+
+    def _snapshot(self) -> dict:
+        return {"epoch": self.opt.local_epoch, "model": copy.deepcopy(self.model.state_dict()),
+                "optimizer": copy.deepcopy(self.opt.opt.state_dict())}
+
+    def _restore(self, snapshot: dict) -> None:
+        with torch.no_grad():
+            self.model.load_state_dict(snapshot["model"])
+            self.opt.opt.load_state_dict(snapshot["optimizer"])
+            # with an offloaded optimizer the optimizer holds its own copy of the weights
+            offloaded = [p for group in self.opt.opt.param_groups for p in group["params"]]
+            for main, copy_ in zip(self.model.parameters(), offloaded):
+                copy_.copy_(main)
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        from p2ptrain.checkpoint import save_checkpoint
+        from p2ptrain.metrics import evaluate
+
+        metrics = evaluate(self.model, self.task)
+        save_checkpoint(self.checkpoint_dir, self.model, self.opt.opt, meta={
+            "task": self.task.name, "run_id": self.settings.run_id, "epoch": self.opt.local_epoch,
+            "peer": self.identity.name, "peer_id": self.identity.peer_id, "test_accuracy": metrics.accuracy,
+            "stats": {k: v for k, v in vars(self.stats).items() if isinstance(v, (int, float, str))},
+        })
+        logger.info(f"checkpoint written to {self.checkpoint_dir} (epoch {self.opt.local_epoch}, "
+                    f"test accuracy {metrics.accuracy:.4f})")
+        self.final_accuracy = metrics.accuracy
+
+    def resume(self) -> None:
+        """Continue from the checkpoint in ``checkpoint_dir``."""
+        from p2ptrain.checkpoint import load_checkpoint
+
+        checkpoint = load_checkpoint(self.checkpoint_dir)
+        checkpoint.apply(self.model, self.opt.opt)
+        self.opt.state_averager.local_epoch = int(checkpoint.meta["epoch"])
+        self.opt.tracker.report_local_progress(self.opt.local_epoch, 0)
+        self._restore_offloaded_from_model()
+        self._last_good = self._snapshot()
+        logger.info(f"resumed from {self.checkpoint_dir} at epoch {self.opt.local_epoch}")
+
+    def _restore_offloaded_from_model(self) -> None:
+        with torch.no_grad():
+            offloaded = [p for group in self.opt.opt.param_groups for p in group["params"]]
+            for main, copy_ in zip(self.model.parameters(), offloaded):
+                copy_.copy_(main)
