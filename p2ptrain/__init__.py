@@ -6,6 +6,7 @@ config     -- Settings: defaults < TOML profile (peers/*.toml) < flags
 dashboard  -- rich renderables drawing a Snapshot: the monitor view and the ``join`` status line
 errors     -- UserError: a problem reported as one line and a non-zero exit
 identity   -- the peer's Ed25519 key: libp2p identity, signing key, readable name
+ledger     -- who did which work: signed claims and co-signed receipts, SQLite copy, verify, fairness
 metrics    -- test-set accuracy, loss, per-class precision/recall/F1, confusion matrix
 names      -- three-word names derived from a public key
 snapshot   -- the swarm at one moment (Snapshot), its JSON/Prometheus forms, and the tracker building it

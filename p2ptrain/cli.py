@@ -215,7 +215,8 @@ def cmd_ledger_show(args: argparse.Namespace) -> int:
         print(json.dumps({"ledger": label, "run_id": run_id, "records": [
             {**r.to_dict(), "hash": r.hash, "peer": readable_name(r.public_key)} for r in records]}))
         return 0
-    table = Table(title=f"{label}: {len(records)} records", title_justify="left", box=None)
+    console.print(f"{label}: {len(records)} records", soft_wrap=True)
+    table = Table(box=None)
     for column in ("epoch", "kind", "peer", "seq", "samples", "detail", "hash"):
         table.add_column(column, justify="right" if column in ("epoch", "seq", "samples") else "left",
                          no_wrap=column != "detail")
@@ -243,8 +244,8 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
         print(json.dumps({"ledger": label, **summary, "problems": [p.to_dict() for p in report.problems]}))
         return 0 if report.ok else 1
     console.print(f"{label} (run {report.run_id}): {summary['records']} records from {summary['peers']} peers, "
-                  f"{summary['claims']} claims, {summary['receipts']} receipts ({summary['cosignatures']} co-signatures)",
-                  soft_wrap=True)
+                  f"{summary['claims']} claims, {summary['receipts']} receipts "
+                  f"({summary['cosignatures']} co-signatures)", soft_wrap=True)
     if report.ok:
         console.print("[green]clean:[/] every signature, chain and claim checks out")
         return 0
@@ -264,7 +265,8 @@ def cmd_ledger_fairness(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"ledger": label, **report.to_dict()}))
         return 0
-    table = Table(title=f"{label} (run {report.audit.run_id}): work per peer", title_justify="left", box=None)
+    console.print(f"{label} (run {report.audit.run_id}): work per peer", soft_wrap=True)
+    table = Table(box=None)
     for column in ("peer", "claimed", "attested", "compute", "epochs", "share", "held-out Δ", "flags"):
         table.add_column(column, justify="left" if column in ("peer", "flags") else "right", no_wrap=column != "flags")
     for p in report.peers:
