@@ -75,6 +75,8 @@ def setup_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, handlers=[handler], force=True)
     logging.getLogger("p2ptrain").setLevel(logging.WARNING if quiet else logging.DEBUG if args.debug else logging.INFO)
     logging.getLogger("hivemind").setLevel(logging.DEBUG if args.debug else logging.ERROR if quiet else logging.WARNING)
+    # hivemind's shutdown leaves pending asyncio tasks behind; asyncio reports each one as an error
+    logging.getLogger("asyncio").setLevel(logging.DEBUG if args.debug else logging.CRITICAL)
 
 
 def _no_hivemind_tracebacks(record) -> bool:

@@ -87,9 +87,12 @@ def run_join(settings: Settings, *, on_started: Callable[[Started], None],
                             str(checkpoint_dir), {k: v for k, v in vars(stats).items()},
                             interrupted=trainer.stop_requested.is_set())
         finally:
+            t0 = time.monotonic()
             if trainer is not None:
                 trainer.shutdown()
+            t1 = time.monotonic()
             dht.shutdown()
+            logger.info(f"left the swarm (averagers {t1 - t0:.1f}s, DHT {time.monotonic() - t1:.1f}s)")
 
 
 def run_bootstrap(settings: Settings, *, on_started: Callable[[Started], None]) -> None:

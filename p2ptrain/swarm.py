@@ -1,8 +1,11 @@
 """Joining the swarm: addresses, the DHT node, retries, and the line others paste to join."""
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
+import os
+import signal
 import socket
 import time
 from typing import Iterable, Sequence
@@ -64,6 +67,29 @@ def check_port_free(port: int) -> None:
             raise UserError(f"cannot listen on port {port}: {e.strerror}")
 
 
+class _DHT(hivemind.DHT):
+    """hivemind's DHT process, moved out of the terminal's process group.
+
+    Ctrl-C in a terminal signals the whole foreground group; the p2pd daemon that this process starts
+    would exit at once, and the peer could no longer say goodbye or finish its last round. In its own
+    group only the main process sees Ctrl-C, and it shuts the DHT down in order.
+    """
+
+    def run(self) -> None:
+        os.setpgid(0, 0)
+        super().run()
+
+
+def _die_with_parent() -> None:
+    """In every forked child (DHT, averagers): get SIGKILL when the peer process dies, even by kill -9."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+PR_SET_PDEATHSIG = 1
+os.register_at_fork(after_in_child=_die_with_parent)
+
+
 def start_dht(settings: Settings, identity: Identity, *, client_mode: bool | None = None,
               record_validators: Sequence[RecordValidatorBase] = ()) -> hivemind.DHT:
     """Start this peer's DHT node, retrying unreachable initial peers with backoff until ``join_timeout``."""
@@ -82,7 +108,7 @@ def start_dht(settings: Settings, identity: Identity, *, client_mode: bool | Non
     delay = 1.0
     while True:
         try:
-            return hivemind.DHT(
+            return _DHT(
                 initial_peers=initial_peers, start=True, client_mode=client_mode,
                 host_maddrs=listen, announce_maddrs=settings.announce_maddrs or None,
                 identity_path=str(identity.path),
