@@ -125,7 +125,7 @@ def test_forged_store_is_refused_by_other_peers_and_good_one_is_fetched(records,
     peers, [(claims, receipts, _), (claims1, receipts1, _)] = records
     x, y = peers
     honest = [None, None]
-    attacker = None
+    attacker = behind_nat = None
     try:
         honest[0] = hivemind.DHT(start=True, host_maddrs=LOCAL, record_validators=[Ed25519RecordValidator(RUN)])
         honest[1] = hivemind.DHT(start=True, host_maddrs=LOCAL, initial_peers=honest[0].get_visible_maddrs(),
@@ -153,7 +153,14 @@ def test_forged_store_is_refused_by_other_peers_and_good_one_is_fetched(records,
         assert all(r.verify() for r in fetched)
         empty = Ledger(tmp_path / "late.sqlite", run_id=RUN)
         assert sync(honest[1], empty, RUN, range(2)) == 8 and sync(honest[1], empty, RUN, range(2)) == 0
+
+        # a peer behind NAT (client mode: it serves no DHT requests) publishes its own records all the same
+        behind_nat = hivemind.DHT(start=True, client_mode=True, initial_peers=honest[0].get_visible_maddrs(),
+                                  record_validators=[Ed25519RecordValidator(RUN)])
+        late = run_round(peers, 2)
+        assert publish(behind_nat, [*late[0], *late[1]]) == 4
+        assert len(fetch(honest[1], RUN, [2])) == 4 and len(fetch(behind_nat, RUN, [0, 1, 2])) == 12
     finally:
-        for dht in [*honest, attacker]:
+        for dht in [*honest, attacker, behind_nat]:
             if dht is not None:
                 dht.shutdown()

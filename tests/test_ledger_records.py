@@ -153,3 +153,22 @@ def test_any_valid_claim_round_trips(keys, samples, seconds, loss, epoch, seed, 
                        data_assignment=(("seed", seed), ("tag", tag)))
     again = from_json(claim.to_wire())
     assert again == claim and again.verify()
+
+
+def test_both_backends_refuse_a_signers_small_order_tricks(keys, monkeypatch):
+    """R = identity with S = k * a passes OpenSSL's check but not libsodium's; we refuse it on both paths."""
+    import hashlib
+
+    identity = keys[0]
+    claim = make_claim(identity)
+    order = 2**252 + 27742317777372353535851937790883648493
+    h = hashlib.sha512(identity.private_key.private_bytes_raw()).digest()
+    a = (int.from_bytes(h[:32], "little") & ((1 << 254) - 8)) | (1 << 254)
+    r = (1).to_bytes(32, "little")
+    k = int.from_bytes(hashlib.sha512(r + identity.public_key + claim.signing_bytes).digest(), "little") % order
+    trick = dataclasses.replace(claim, signature=r + (k * a % order).to_bytes(32, "little"))
+    assert records_module._openssl_verify(trick.signature, trick.signing_bytes, identity.public_key)  # the trap
+    assert not from_json(trick.to_json()).verify()
+    monkeypatch.setattr(records_module, "_fast_verify", None)
+    assert not from_json(trick.to_json()).verify()
+    assert from_json(claim.to_json()).verify()

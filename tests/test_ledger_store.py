@@ -230,3 +230,20 @@ def test_kill_9_while_writing_leaves_a_ledger_whose_chain_verifies_and_continues
 
 def test_ledger_open_from_a_path_string(tmp_path):
     assert isinstance(Ledger(str(tmp_path / "x.sqlite")).path, Path)
+
+
+def test_writes_from_two_threads_do_not_interleave(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    ledger = Ledger(tmp_path / "l.sqlite", run_id=RUN)
+    a, b = make_peers(tmp_path, 2, RUN, shared_ledger=ledger)
+
+    def work(peer):
+        for epoch in range(50):
+            peer.writer.claim(epoch, 10, 0.1, {}, "a" * 64, "b" * 64, None)
+            peer.writer.cosign(epoch, {a.identity.public_key: 10, b.identity.public_key: 10}, "c" * 64)
+            ledger.records() if epoch % 10 == 0 else None
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(work, [a, b]))
+    assert len(ledger) == 200 and verify(ledger.records()).ok

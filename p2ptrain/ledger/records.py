@@ -101,8 +101,9 @@ def _load_libsodium() -> Callable[[bytes, bytes, bytes], bool] | None:
     """libsodium's Ed25519 verify through ctypes, when the system has the library.
 
     It checks a signature in about 40 us where OpenSSL (behind ``cryptography``) takes about 90 us, which
-    is what lets ``verify`` pass 10,000 records per second on one core. Both reject non-canonical
-    signatures; ``P2PTRAIN_NO_LIBSODIUM=1`` forces the OpenSSL path.
+    is what lets ``verify`` pass 10,000 records per second on one core. ``verify_raw`` applies libsodium's
+    extra rules on the OpenSSL path too, so both give the same verdict; ``P2PTRAIN_NO_LIBSODIUM=1`` forces
+    the OpenSSL path.
     """
     if os.environ.get("P2PTRAIN_NO_LIBSODIUM"):
         return None
@@ -124,10 +125,27 @@ _fast_verify = _load_libsodium()
 VERIFY_BACKEND = "libsodium" if _fast_verify is not None else "openssl"
 
 
+_P = 2**255 - 19
+# y-coordinates (sign bit ignored) of the points of order 1, 2, 4 and 8, with the non-canonical p and p + 1:
+# libsodium's blocklist. Only a signer can produce such an R or key (e.g. R = identity with S = k * a), and
+# OpenSSL accepts them while libsodium does not; refusing them on both paths keeps every peer's verdict equal.
+_SMALL_ORDER_Y = frozenset({0, 1, _P - 1, _P, _P + 1,
+                            2707385501144840649318225287225658788936804267575313519463743609750303402022,
+                            55188659117513257062467267217118295137698188065244968500265048394206261417927})
+_Y_MASK = (1 << 255) - 1
+
+
+def _weak_point(encoding: bytes, *, check_canonical: bool) -> bool:
+    y = int.from_bytes(encoding, "little") & _Y_MASK
+    return y in _SMALL_ORDER_Y or (check_canonical and y >= _P)
+
+
 def verify_raw(public_key: bytes, signature: bytes, data: bytes) -> bool:
-    """True when ``signature`` is ``public_key``'s Ed25519 signature of ``data``."""
+    """True when ``signature`` is ``public_key``'s Ed25519 signature of ``data`` (libsodium's strict rules)."""
     if type(public_key) is not bytes or len(public_key) != 32 or type(signature) is not bytes or len(signature) != 64:
         return False  # the C call below reads exactly 32 and 64 bytes
+    if _weak_point(signature[:32], check_canonical=False) or _weak_point(public_key, check_canonical=True):
+        return False
     if _fast_verify is not None:
         return _fast_verify(signature, bytes(data), public_key)
     return _openssl_verify(signature, data, public_key)
@@ -149,8 +167,12 @@ def bulk() -> Iterator[None]:
             gc.enable()
 
 
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
 def canonical_json(obj: Mapping[str, Any]) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+    """Compact JSON, sorted keys, ASCII, no NaN (one encoder reused: json.dumps builds one per call)."""
+    return _ENCODER.encode(obj).encode()
 
 
 class _Signed:

@@ -11,6 +11,7 @@ import logging
 import os
 import sqlite3
 import tempfile
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -60,6 +61,8 @@ class Ledger:
 
     def __init__(self, path: Path | str, *, create: bool = True, run_id: str | None = None):
         self.path = Path(path)
+        # one connection, shared by the training loop and a publishing thread: transactions must not interleave
+        self._lock = threading.RLock()
         if not self.path.parent.is_dir():
             raise UserError(f"cannot open ledger {self.path}: directory {self.path.parent} does not exist")
         exists = self.path.exists()
@@ -101,17 +104,19 @@ class Ledger:
     def append(self, record: Record) -> None:
         """Append one of this peer's own freshly signed records (one transaction, ~0.1 ms)."""
         self._check_run(record)
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("INSERT INTO records (hash, public_key, seq, epoch, kind, json) VALUES (?, ?, ?, ?, ?, ?)",
-                             _row(record))
-            self._db.execute("COMMIT")
-        except sqlite3.IntegrityError as e:
-            self._db.execute("ROLLBACK")
-            raise ValueError(f"record {record.hash[:12]} is already in the ledger") from e
-        except sqlite3.DatabaseError as e:
-            self._rollback_quietly()
-            raise UserError(f"cannot write ledger {self.path}: {e}") from e
+        row = _row(record)
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute("INSERT INTO records (hash, public_key, seq, epoch, kind, json) "
+                                 "VALUES (?, ?, ?, ?, ?, ?)", row)
+                self._db.execute("COMMIT")
+            except sqlite3.IntegrityError as e:
+                self._rollback_quietly()
+                raise ValueError(f"record {record.hash[:12]} is already in the ledger") from e
+            except sqlite3.DatabaseError as e:
+                self._rollback_quietly()
+                raise UserError(f"cannot write ledger {self.path}: {e}") from e
 
     def add_verified(self, records: Iterable[Record]) -> int:
         """Add records received from other peers: those whose signature verifies and that belong to this run.
@@ -157,6 +162,10 @@ class Ledger:
         return added, len(records) - added
 
     def _insert_all(self, rows: list[tuple], run_id: str | None = None) -> int:
+        with self._lock:
+            return self._insert_all_locked(rows, run_id)
+
+    def _insert_all_locked(self, rows: list[tuple], run_id: str | None) -> int:
         try:
             self._db.execute("BEGIN IMMEDIATE")
             if run_id is not None:
@@ -235,7 +244,8 @@ class Ledger:
         return len(records)
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()
 
     def __enter__(self) -> Ledger:
         return self
@@ -251,13 +261,15 @@ class Ledger:
 
     def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
         try:
-            return self._db.execute(sql, params).fetchall()
+            with self._lock:
+                return self._db.execute(sql, params).fetchall()
         except sqlite3.DatabaseError as e:
             raise UserError(f"cannot read ledger {self.path}: {e} (the file is damaged)") from e
 
     def _execute(self, sql: str, params: tuple = ()) -> None:
         try:
-            self._db.execute(sql, params)
+            with self._lock:
+                self._db.execute(sql, params)
         except sqlite3.DatabaseError as e:
             raise UserError(f"cannot write ledger {self.path}: {e}") from e
 

@@ -6,7 +6,11 @@ A round, in order::
     gathered = averager.step(gather=writer.gather_payload(claim, weight), weight=weight, ...)
     check = writer.check_groupmate_claims(epoch, gathered)        # log check.problems
     receipt = writer.cosign(epoch, check.members, tensor_digest(averaged_grads))
-    publish(dht, [claim, receipt])                                # ledger/dht.py, in the background
+    publish(dht, [claim, receipt])                                # ledger/dht.py, off the training thread
+
+When no group formed and the peer applied its gradients alone, co-sign a receipt of one
+(``writer.cosign(epoch, {writer.public_key: weight}, digest)``): the claim then has a receipt, but its
+samples stay unattested, since a peer cannot attest its own work.
 
 Every record this peer signs is appended to its ledger before it is returned, so the per-peer chain
 (seq, prev_hash) continues across restarts from whatever the ledger file holds.
@@ -167,7 +171,9 @@ class LedgerWriter:
                 problems.append(problem_about("claim_exceeds_weight", f"claims {claim.samples} samples but announced "
                                               f"weight {weight} for the all-reduce", claim, "all-gather"))
             claims[claim.public_key] = claim
-        self.ledger.add_verified(c for k, c in claims.items() if k != self.public_key)
+        received = [c for k, c in claims.items() if k != self.public_key]
+        if received:
+            self.ledger.add_verified(received)
         for problem in problems:
             logger.warning(f"groupmate claim: {problem.describe()}")
         return GroupCheck(members=members, claims=claims, problems=problems)
