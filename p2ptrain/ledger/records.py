@@ -54,12 +54,16 @@ class RecordError(ValueError):
 
 
 def _require(condition: bool, message: str) -> None:
+    """Raise with ``message`` unless ``condition``; pass only constant messages (f-strings cost on every call)."""
     if not condition:
         raise RecordError(message)
 
 
+# The checks below run ~40 times per record on the verify path: they format a message only on failure.
+
 def _check_int(name: str, value: Any, low: int = 0, high: int = MAX_INT) -> None:
-    _require(type(value) is int and low <= value <= high, f"{name} must be an integer in [{low}, {high}]")
+    if not (type(value) is int and low <= value <= high):
+        raise RecordError(f"{name} must be an integer in [{low}, {high}]")
 
 
 def _check_float(name: str, value: Any, *, optional: bool = False, negative: bool = False) -> None:
@@ -72,11 +76,13 @@ def _check_float(name: str, value: Any, *, optional: bool = False, negative: boo
 
 
 def _check_hex64(name: str, value: Any) -> None:
-    _require(type(value) is str and HEX64_RE.fullmatch(value) is not None, f"{name} must be 64 lowercase hex digits")
+    if not (type(value) is str and HEX64_RE.fullmatch(value) is not None):
+        raise RecordError(f"{name} must be 64 lowercase hex digits")
 
 
 def _check_key(name: str, value: Any) -> None:
-    _require(type(value) is bytes and len(value) == 32, f"{name} must be a 32-byte Ed25519 public key")
+    if not (type(value) is bytes and len(value) == 32):
+        raise RecordError(f"{name} must be a 32-byte Ed25519 public key")
 
 
 def _as_float(value: Any) -> Any:
@@ -250,18 +256,18 @@ class Claim(_Signed):
         _check_hex64("model_digest", self.model_digest)
         _check_hex64("grad_digest", self.grad_digest)
         assignment = self.data_assignment
-        _require(type(assignment) is tuple and len(assignment) <= MAX_ASSIGNMENT_ITEMS,
-                 f"data_assignment must have at most {MAX_ASSIGNMENT_ITEMS} items")
+        if not (type(assignment) is tuple and len(assignment) <= MAX_ASSIGNMENT_ITEMS):
+            raise RecordError(f"data_assignment must have at most {MAX_ASSIGNMENT_ITEMS} items")
         previous = ""
         for item in assignment:
             _require(type(item) is tuple and len(item) == 2, "data_assignment items must be (name, value) pairs")
             name, value = item
-            _require(type(name) is str and ASSIGNMENT_KEY_RE.fullmatch(name) is not None and name > previous,
-                     f"data_assignment names must be sorted, unique identifiers (got {name!r})")
+            if not (type(name) is str and ASSIGNMENT_KEY_RE.fullmatch(name) is not None and name > previous):
+                raise RecordError(f"data_assignment names must be sorted, unique identifiers (got {name!r})")
             previous = name
             if type(value) is str:
-                _require(ASSIGNMENT_STR_RE.fullmatch(value) is not None,
-                         f"data_assignment[{name}] must use only letters, digits and _.:/+=-")
+                if ASSIGNMENT_STR_RE.fullmatch(value) is None:
+                    raise RecordError(f"data_assignment[{name}] must use only letters, digits and _.:/+=-")
             else:
                 _check_int(f"data_assignment[{name}]", value, -MAX_INT, MAX_INT)
 
@@ -310,8 +316,8 @@ class ReceiptSignature(_Signed):
                  "group_id must be 2 to 128 lowercase hex digits")
         _check_hex64("result_digest", self.result_digest)
         members = self.members
-        _require(type(members) is tuple and 1 <= len(members) <= MAX_MEMBERS,
-                 f"members must list 1 to {MAX_MEMBERS} (public key, weight) pairs")
+        if not (type(members) is tuple and 1 <= len(members) <= MAX_MEMBERS):
+            raise RecordError(f"members must list 1 to {MAX_MEMBERS} (public key, weight) pairs")
         previous = b""
         for item in members:
             _require(type(item) is tuple and len(item) == 2, "members must be (public key, weight) pairs")
@@ -332,8 +338,16 @@ class ReceiptSignature(_Signed):
 
     @cached_property
     def receipt_id(self) -> str:
-        """SHA-256 (hex) of the shared body: equal for every member's co-signature of one round."""
-        return hashlib.sha256(DOMAIN + b"receipt\n" + canonical_json(self.shared_body())).hexdigest()
+        """SHA-256 (hex) of the shared body: equal for every member's co-signature of one round.
+
+        An id, not what is signed, so it hashes a plain injective encoding (run ids and group ids cannot
+        hold a newline; keys and weights have fixed widths), about 5x cheaper than canonical JSON.
+        """
+        h = hashlib.sha256(f"{DOMAIN.decode()}receipt\n{self.version}\n{self.run_id}\n{self.epoch}\n"
+                           f"{self.group_id}\n".encode())
+        for key, weight in self.members:
+            h.update(key + weight.to_bytes(8, "big"))
+        return h.hexdigest()
 
     def body(self) -> dict[str, Any]:
         return {**self.shared_body(), "kind": self.kind, "public_key": self.public_key.hex(), "seq": self.seq,
@@ -344,7 +358,8 @@ Record = Union[Claim, ReceiptSignature]
 
 
 def _check_common(record: Claim | ReceiptSignature) -> None:
-    _require(record.version == SCHEMA_VERSION, f"unknown schema version {record.version!r}")
+    if record.version != SCHEMA_VERSION:
+        raise RecordError(f"unknown schema version {record.version!r}")
     _require(type(record.run_id) is str and RUN_ID_RE.fullmatch(record.run_id) is not None,
              "run_id must be 1-64 characters: letters, digits, '_', '.', '-'")
     _check_key("public_key", record.public_key)
@@ -418,8 +433,8 @@ _HEX_RE = {32: re.compile(r"[0-9a-f]{64}"), 64: re.compile(r"[0-9a-f]{128}")}
 
 
 def _hex_bytes(name: str, value: Any, length: int) -> bytes:
-    _require(type(value) is str and _HEX_RE[length].fullmatch(value) is not None,
-             f"{name} must be {2 * length} lowercase hex digits")
+    if not (type(value) is str and _HEX_RE[length].fullmatch(value) is not None):
+        raise RecordError(f"{name} must be {2 * length} lowercase hex digits")
     return bytes.fromhex(value)
 
 
@@ -445,7 +460,8 @@ def from_json(data: str | bytes | Mapping[str, Any]) -> Record:
                           f" a newer p2ptrain may read it)")
     kind = obj.get("kind")
     fields = {"claim": _CLAIM_FIELDS, "receipt": _RECEIPT_FIELDS}.get(kind)  # type: ignore[arg-type]
-    _require(fields is not None, f"unknown record kind {kind!r}")
+    if fields is None:
+        raise RecordError(f"unknown record kind {kind!r}")
     keys = obj.keys()
     if keys != fields:
         extra, missing = sorted(keys - fields), sorted(fields - keys)
