@@ -190,14 +190,18 @@ def _ledger_path(args: argparse.Namespace) -> Path:
     return default_ledger_path(default_home(), args.run_id or DEFAULT_RUN_ID, Identity.load(key).name)
 
 
-def _ledger_entries(path: Path) -> tuple[list, str | None, str]:
-    """(records with where each is stored, the ledger's run id, a label) from an SQLite ledger or a JSONL file."""
+def _ledger_entries(path: Path, run_id: str | None) -> tuple[list, str | None, str]:
+    """(records with where each is stored, the run id, a label) from an SQLite ledger or a JSONL file.
+
+    ``run_id`` (--run-id, if given) is the run the records must belong to; an SQLite ledger of another run is
+    refused, a JSONL file's records of another run are reported by verify.
+    """
     from p2ptrain.ledger.store import Ledger, is_sqlite, read_jsonl
 
     if path.is_file() and not is_sqlite(path):
         records = read_jsonl(path)
-        return [(record, f"line {number}") for number, record in enumerate(records, 1)], None, f"{path} (JSONL)"
-    with Ledger(path, create=False) as ledger:
+        return [(record, f"line {number}") for number, record in enumerate(records, 1)], run_id, f"{path} (JSONL)"
+    with Ledger(path, create=False, run_id=run_id) as ledger:
         return ledger.entries(), ledger.run_id, str(path)
 
 
@@ -206,7 +210,7 @@ def cmd_ledger_show(args: argparse.Namespace) -> int:
 
     from p2ptrain.names import readable_name
 
-    entries, run_id, label = _ledger_entries(_ledger_path(args))
+    entries, run_id, label = _ledger_entries(_ledger_path(args), args.run_id)
     records = [record for record, _ in entries]
     if args.peer:
         wanted = args.peer.lower()
@@ -239,7 +243,7 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
         raise UserError("give either FILE or --ledger PATH, not both")
     if args.source is not None:
         args.ledger = args.source
-    entries, run_id, label = _ledger_entries(_ledger_path(args))
+    entries, run_id, label = _ledger_entries(_ledger_path(args), args.run_id)
     report = verify(entries, run_id=run_id)
     summary = report.summary()
     if args.json:
@@ -262,7 +266,7 @@ def cmd_ledger_fairness(args: argparse.Namespace) -> int:
 
     from p2ptrain.ledger.fairness import fairness
 
-    entries, run_id, label = _ledger_entries(_ledger_path(args))
+    entries, run_id, label = _ledger_entries(_ledger_path(args), args.run_id)
     report = fairness(entries, run_id=run_id)
     if args.json:
         print(json.dumps({"ledger": label, **report.to_dict()}))

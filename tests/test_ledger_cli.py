@@ -84,6 +84,8 @@ def test_verify_exported_file_and_tampering(home, tmp_path):
     report = json.loads(ledger_cli(home, "verify", export, "--json").stdout)
     assert {p["code"] for p in report["problems"]} == {"bad_signature", "duplicate"}
     assert all(p["peer"] for p in report["problems"])
+    report = json.loads(ledger_cli(home, "verify", export, "--run-id", "another", "--json").stdout)
+    assert {p["code"] for p in report["problems"]} >= {"other_run"}
 
 
 @pytest.mark.parametrize("content, message", [
@@ -108,6 +110,8 @@ def test_bad_ledger_paths_exit_2(home, tmp_path):
     one_error_line(ledger_cli(home, "show", "--ledger", truncated), 2, "cannot read ledger")
     one_error_line(ledger_cli(tmp_path / "empty-home", "show"), 2, "no identity at")
     one_error_line(ledger_cli(home, "verify", "a.jsonl", "--ledger", path), 2, "not both")
+    one_error_line(ledger_cli(home, "verify", "--ledger", path, "--run-id", "another"), 2,
+                   "belongs to run 'p2ptrain', not 'another'")
 
 
 def test_fairness(home):

@@ -247,3 +247,9 @@ def test_writes_from_two_threads_do_not_interleave(tmp_path):
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(work, [a, b]))
     assert len(ledger) == 200 and verify(ledger.records()).ok
+
+
+def test_default_ledger_path_refuses_run_ids_records_cannot_carry(tmp_path):
+    for bad in ("../escape", "", "a b", "x" * 65, "-dash"):
+        with pytest.raises(UserError, match="cannot name a ledger"):
+            default_ledger_path(tmp_path, bad, "name")

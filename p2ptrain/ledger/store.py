@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from p2ptrain.errors import UserError
-from p2ptrain.ledger.records import Record, RecordError, bulk, from_json
+from p2ptrain.ledger.records import RUN_ID_RE, Record, RecordError, bulk, from_json
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,14 @@ CREATE TRIGGER IF NOT EXISTS records_no_delete BEFORE DELETE ON records
 
 
 def default_ledger_path(home: Path, run_id: str, identity_name: str) -> Path:
-    """Where a peer of run ``run_id`` keeps its ledger: ``<home>/runs/<run_id>/<peer name>/ledger.sqlite``."""
+    """Where a peer of run ``run_id`` keeps its ledger: ``<home>/runs/<run_id>/<peer name>/ledger.sqlite``.
+
+    Raises:
+        UserError: for a run id that records cannot carry (it also keeps the path inside ``home``).
+    """
+    if RUN_ID_RE.fullmatch(run_id) is None:
+        raise UserError(f"run id {run_id!r} cannot name a ledger: use 1-64 letters, digits, '_', '.', '-' "
+                        f"(starting with a letter or digit)")
     return Path(home) / "runs" / run_id / identity_name / "ledger.sqlite"
 
 
