@@ -23,7 +23,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from p2ptrain.config import Settings
 from p2ptrain.errors import UserError
 from p2ptrain.identity import Identity
-from p2ptrain.presence import read_reports
+from p2ptrain.presence import TTL, read_reports
 from p2ptrain.snapshot import PeerReport
 from p2ptrain.tasks import Task
 
@@ -71,7 +71,13 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._on_round(group_size)
 
     def _maybe_schedule_gradient_averaging(self) -> None:
-        """Never pre-schedule: a round starts when the epoch ends, so what it gathers is final."""
+        """Trainers never pre-schedule: a round starts when the epoch ends, so what it gathers is final.
+
+        Auxiliary peers gather nothing and learn of an epoch's end only from the tracker, a little
+        late; pre-scheduling from the tracker's ETA puts them in the trainers' groups on time.
+        """
+        if self.auxiliary:
+            super()._maybe_schedule_gradient_averaging()
 
     def _begin_averaging_gradients(self, grad_scaler) -> bool:
         # Without pre-scheduling, scheduled_grads still holds the previous epoch's (finished) round;
@@ -217,8 +223,14 @@ class Trainer:
         return self.stats
 
     def _run_auxiliary(self, on_progress) -> Stats:
-        while not self.stop_requested.is_set() and self.opt.local_epoch < self.max_epochs:
+        last_trainer_seen = time.monotonic()
+        while not self.stop_requested.is_set() and max(self.opt.local_epoch, self.opt.tracker.global_epoch) < self.max_epochs:
             self.opt.step()  # joins averaging rounds with weight 0, computes nothing
+            if self._count_trainers() > 0:
+                last_trainer_seen = time.monotonic()
+            elif time.monotonic() - last_trainer_seen > 2 * TTL:
+                logger.info("no trainers left in the swarm: leaving")
+                break
             self._refresh_stats([])
             if on_progress:
                 on_progress(self.stats)
