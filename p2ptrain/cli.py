@@ -65,11 +65,14 @@ def setup_logging(args: argparse.Namespace) -> None:
     use_hivemind_log_handler("nowhere")
     quiet, plain = getattr(args, "quiet", False), getattr(args, "log_format", "rich") == "plain"
     handler: logging.Handler
-    if plain or not err_console.is_terminal:
+    if plain or not console.is_terminal:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     else:
-        handler = RichHandler(console=err_console, show_path=False, rich_tracebacks=args.debug)
+        # the same console as the live status line, so log lines scroll above it instead of through it
+        handler = RichHandler(console=console, show_path=False, rich_tracebacks=args.debug)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.addFilter(lambda record: not getattr(record, "routine", False))
     if not args.debug:
         handler.addFilter(_no_hivemind_tracebacks)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, handlers=[handler], force=True)
@@ -100,12 +103,33 @@ def _print_started(started, *, role: str) -> None:
     console.print(f"  {started.join_line}", soft_wrap=True)
 
 
+def _live_status(args: argparse.Namespace, status: dict):
+    """A status line redrawn twice a second on a terminal; nothing for --quiet, plain logs or pipes."""
+    from contextlib import nullcontext
+
+    from rich.live import Live
+    from rich.text import Text
+
+    from p2ptrain.dashboard import PeerStatusLine
+
+    if getattr(args, "quiet", False) or args.log_format == "plain" or not console.is_terminal:
+        return nullcontext()
+
+    def render():
+        return PeerStatusLine(status["get"]()) if "get" in status else Text("joining the swarm…", style="dim")
+
+    return Live(get_renderable=render, console=console, refresh_per_second=2, transient=True)
+
+
 def cmd_join(args: argparse.Namespace) -> int:
     from p2ptrain.peer import run_join
 
     setup_logging(args)
     settings = _settings(args)
-    finished = run_join(settings, on_started=lambda s: _print_started(s, role="peer"))
+    status: dict = {}
+    with _live_status(args, status):
+        finished = run_join(settings, on_started=lambda s: _print_started(s, role="peer"),
+                            on_status=lambda get: status.update(get=get))
     summary = {"name": finished.name, "epoch": finished.epoch, "accuracy": finished.accuracy,
                "checkpoint": finished.checkpoint_dir, "interrupted": finished.interrupted,
                "steps": finished.stats["steps"], "samples": finished.stats["samples"],

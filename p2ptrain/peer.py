@@ -18,7 +18,7 @@ from p2ptrain.config import Settings
 from p2ptrain.errors import UserError
 from p2ptrain.identity import Identity, IdentityLock, default_home
 from p2ptrain.presence import Heartbeat
-from p2ptrain.snapshot import PeerReport
+from p2ptrain.snapshot import LocalStatus, PeerReport
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def load_identity(settings: Settings, default_name: str = "identity.key") -> Ide
 
 
 def run_join(settings: Settings, *, on_started: Callable[[Started], None],
-             on_progress: Callable | None = None) -> Finished:
+             on_status: Callable[[Callable[[], LocalStatus]], None] | None = None) -> Finished:
     """Join (or start) a swarm and train until ``max_epochs`` or a stop signal."""
     from p2ptrain.swarm import join_line, start_dht, visible_addresses
     from p2ptrain.tasks import load_task
@@ -66,7 +66,8 @@ def run_join(settings: Settings, *, on_started: Callable[[Started], None],
     if settings.resume:
         from p2ptrain.checkpoint import load_checkpoint
         load_checkpoint(checkpoint_dir)  # a missing or corrupt checkpoint fails here, before joining
-    logger.info("effective settings: " + json.dumps(settings.as_dict(), sort_keys=True))
+    logger.info("settings: " + " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(settings.as_dict().items())
+                                        if v not in (None, [], False)))
 
     with IdentityLock(identity):
         dht = start_dht(settings, identity)
@@ -79,8 +80,10 @@ def run_join(settings: Settings, *, on_started: Callable[[Started], None],
                 trainer.resume()
             heartbeat = Heartbeat(dht, settings.run_id, identity.public_key.hex(), trainer.report)
             heartbeat.start()
+            if on_status:
+                on_status(trainer.status)
             try:
-                stats = trainer.run(on_progress)
+                stats = trainer.run()
             finally:
                 heartbeat.leave()
             return Finished(identity.name, trainer.opt.local_epoch, getattr(trainer, "final_accuracy", None),

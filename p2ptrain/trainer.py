@@ -24,10 +24,11 @@ from p2ptrain.config import Settings
 from p2ptrain.errors import UserError
 from p2ptrain.identity import Identity
 from p2ptrain.presence import TTL, read_reports
-from p2ptrain.snapshot import PeerReport
+from p2ptrain.snapshot import LocalStatus, PeerReport
 from p2ptrain.tasks import Task
 
 logger = logging.getLogger(__name__)
+ROUTINE = {"routine": True}  # per-epoch lines: the live status line replaces them on a terminal
 
 
 @dataclass
@@ -54,6 +55,7 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def __init__(self, *, on_round: Callable[[int], None], **kwargs):
         self._on_round = on_round
+        self.in_round = False
         super().__init__(**kwargs)
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
@@ -69,6 +71,13 @@ class SwarmOptimizer(hivemind.Optimizer):
         if group_size == 0:
             self._load_local_gradients_into_optimizer()
         self._on_round(group_size)
+
+    def _update_global_epoch(self, grad_scaler) -> None:
+        self.in_round = True  # read by the status line
+        try:
+            super()._update_global_epoch(grad_scaler)
+        finally:
+            self.in_round = False
 
     def _maybe_schedule_gradient_averaging(self) -> None:
         """Trainers never pre-schedule: a round starts when the epoch ends, so what it gathers is final.
@@ -187,14 +196,25 @@ class Trainer:
             samples_per_second=float(self.opt.tracker.performance_ema.samples_per_second),
             loss=self.stats.last_loss, time=time.time())
 
-    def run(self, on_progress: Callable[[Stats], None] | None = None) -> Stats:
+    def status(self) -> LocalStatus:
+        """This peer's live status (for the ``join`` status line); cheap, safe from any thread."""
+        stage = "averaging" if self.opt.in_round and self.stats.stage == "training" else self.stats.stage
+        return LocalStatus(
+            name=self.identity.name, epoch=self.opt.local_epoch,
+            samples_accumulated=self.opt.tracker.global_progress.samples_accumulated,
+            target_batch_size=self.opt.target_batch_size,
+            samples_per_second=float(self.opt.tracker.performance_ema.samples_per_second),
+            loss=self.stats.last_loss, peers_last_round=self.stats.last_group_size if self.stats.rounds else None,
+            state=stage)
+
+    def run(self) -> Stats:
         """Train until the swarm's epoch reaches ``max_epochs`` or a stop is requested."""
         self.wait_for_peers()
         self.sync_with_swarm()
         self.stats.stage = "training"
         if self.settings.auxiliary:
-            return self._run_auxiliary(on_progress)
-        step, losses, last_report = 0, [], 0.0
+            return self._run_auxiliary()
+        step, losses = 0, []
         while not self.stop_requested.is_set() and self.opt.local_epoch < self.max_epochs:
             inputs, labels = self.task.batch(self.settings.run_id, self.identity.peer_id, step, self.batch_size)
             begin = time.perf_counter()
@@ -215,14 +235,10 @@ class Trainer:
             if self.opt.local_epoch != epoch_before:
                 self._on_epoch(losses)
                 losses = []
-            if on_progress and time.monotonic() - last_report > 0.25:
-                last_report = time.monotonic()
-                self._refresh_stats(losses)
-                on_progress(self.stats)
         self.finish()
         return self.stats
 
-    def _run_auxiliary(self, on_progress) -> Stats:
+    def _run_auxiliary(self) -> Stats:
         last_trainer_seen = time.monotonic()
         while not self.stop_requested.is_set() and max(self.opt.local_epoch, self.opt.tracker.global_epoch) < self.max_epochs:
             self.opt.step()  # joins averaging rounds with weight 0, computes nothing
@@ -232,8 +248,6 @@ class Trainer:
                 logger.info("no trainers left in the swarm: leaving")
                 break
             self._refresh_stats([])
-            if on_progress:
-                on_progress(self.stats)
             self.stop_requested.wait(0.2)
         self.finish()
         return self.stats
@@ -261,7 +275,7 @@ class Trainer:
         epoch = self.opt.local_epoch
         self._refresh_stats(losses)
         logger.info(f"epoch {epoch}: loss {self.stats.last_loss or float('nan'):.4f}, "
-                    f"last round with {self.stats.last_group_size} peers")
+                    f"last round with {self.stats.last_group_size} peers", extra=ROUTINE)
         if self._weights_finite():
             self._last_good = self._snapshot()
         else:
