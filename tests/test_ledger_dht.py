@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from functools import partial
 
 import hivemind
@@ -120,6 +121,15 @@ async def _local_entries_coroutine(dht, node, key):
     return _local_entries(node, key)
 
 
+def fetch_until(dht, epochs, count, timeout=60.0):
+    """Fetch until ``count`` records are seen (a replica may answer late on a loaded machine)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = fetch(dht, RUN, epochs)
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+
+
 @pytest.mark.timeout(120)
 def test_forged_store_is_refused_by_other_peers_and_good_one_is_fetched(records, tmp_path):
     peers, [(claims, receipts, _), (claims1, receipts1, _)] = records
@@ -132,24 +142,25 @@ def test_forged_store_is_refused_by_other_peers_and_good_one_is_fetched(records,
                                  record_validators=[Ed25519RecordValidator(RUN)])
         attacker = hivemind.DHT(start=True, host_maddrs=LOCAL, initial_peers=honest[0].get_visible_maddrs())
 
-        # X signs a claim, the attacker stores it under Y's subkey of epoch 0 (and a plain value over epoch 2)
+        # X signs a claim, the attacker stores it under Y's subkey of epoch 0 (and a plain value over epoch 5)
         forged = dataclasses.replace(claims[1], samples=10 * claims[1].samples)
         forged = sign(dataclasses.replace(forged, public_key=x.identity.public_key), x.identity)
-        key0, key2 = ledger_key(RUN, 0), ledger_key(RUN, 2)
+        key0, key5 = ledger_key(RUN, 0), ledger_key(RUN, 5)
         attacker.store(key0, forged.to_wire(), get_dht_time() + 600, subkey=subkey_of(claims[1]))
-        attacker.store(key2, b"junk", get_dht_time() + 10**6)
+        attacker.store(key5, b"junk", get_dht_time() + 10**6)
         # the attacker's own node (no validator) took both; every honest node refused them
         assert attacker.run_coroutine(partial(_local_entries_coroutine, key=key0)) == [subkey_of(claims[1])]
-        assert attacker.run_coroutine(partial(_local_entries_coroutine, key=key2)) == ["<plain value>"]
+        assert attacker.run_coroutine(partial(_local_entries_coroutine, key=key5)) == ["<plain value>"]
         for dht in honest:
             assert dht.run_coroutine(partial(_local_entries_coroutine, key=key0)) is None
-            assert dht.run_coroutine(partial(_local_entries_coroutine, key=key2)) is None
-            assert fetch(dht, RUN, [0, 1, 2]) == []
+            assert dht.run_coroutine(partial(_local_entries_coroutine, key=key5)) is None
+            assert fetch(dht, RUN, [0, 1, 5]) == []
 
         # the genuine records: published by one honest peer, fetched and verified by the other
-        assert publish(honest[0], [*claims, *receipts, *claims1, *receipts1]) == 8
-        fetched = fetch(honest[1], RUN, [0, 1])
-        assert sorted(r.hash for r in fetched) == sorted(r.hash for r in [*claims, *receipts, *claims1, *receipts1])
+        genuine = [*claims, *receipts, *claims1, *receipts1]
+        assert publish(honest[0], genuine) > 0  # hivemind reports the first replica's answer: completeness below
+        fetched = fetch_until(honest[1], [0, 1], len(genuine))
+        assert sorted(r.hash for r in fetched) == sorted(r.hash for r in genuine)
         assert all(r.verify() for r in fetched)
         empty = Ledger(tmp_path / "late.sqlite", run_id=RUN)
         assert sync(honest[1], empty, RUN, range(2)) == 8 and sync(honest[1], empty, RUN, range(2)) == 0
@@ -158,8 +169,8 @@ def test_forged_store_is_refused_by_other_peers_and_good_one_is_fetched(records,
         behind_nat = hivemind.DHT(start=True, client_mode=True, initial_peers=honest[0].get_visible_maddrs(),
                                   record_validators=[Ed25519RecordValidator(RUN)])
         late = run_round(peers, 2)
-        assert publish(behind_nat, [*late[0], *late[1]]) == 4
-        assert len(fetch(honest[1], RUN, [2])) == 4 and len(fetch(behind_nat, RUN, [0, 1, 2])) == 12
+        assert publish(behind_nat, [*late[0], *late[1]]) > 0
+        assert len(fetch_until(honest[1], [2], 4)) == 4 and len(fetch_until(behind_nat, [0, 1, 2], 12)) == 12
     finally:
         for dht in [*honest, attacker, behind_nat]:
             if dht is not None:
