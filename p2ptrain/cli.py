@@ -158,6 +158,110 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    import time
+
+    from rich.live import Live
+
+    from p2ptrain.dashboard import Dashboard
+    from p2ptrain.ledger.dht import Ed25519RecordValidator
+    from p2ptrain.monitor import Collector
+    from p2ptrain.swarm import start_dht
+
+    setup_logging(args)
+    vars(args).setdefault("join_timeout", 20.0)
+    settings = _settings(args)
+    if not settings.initial_peers:
+        raise UserError("the monitor needs --initial-peers: the address of any peer in the swarm")
+    dht = start_dht(settings, None, client_mode=True, record_validators=[Ed25519RecordValidator(settings.run_id)])
+    server = None
+    try:
+        collector = Collector(dht, settings.run_id)
+        if args.once or args.json:
+            snapshot = collector.refresh()
+            deadline = time.monotonic() + args.wait
+            while not snapshot.peers and time.monotonic() < deadline:  # heartbeats arrive every 2 s
+                time.sleep(0.5)
+                snapshot = collector.refresh()
+            if args.json:
+                print(json.dumps(snapshot.to_dict(), allow_nan=False, default=str))
+            else:
+                console.print(Dashboard(snapshot, max_peers=len(snapshot.peers)))
+            return 0
+        latest = {"snapshot": collector.refresh()}
+        if args.prometheus:
+            server = _serve_prometheus(args.prometheus_host, args.prometheus, lambda: latest["snapshot"])
+        with Live(get_renderable=lambda: Dashboard(latest["snapshot"]), console=console, screen=console.is_terminal,
+                  refresh_per_second=2), _quit_keys() as quit_requested:
+            while not quit_requested.wait(1.0):
+                latest["snapshot"] = collector.refresh()
+        return 0
+    finally:
+        if server is not None:
+            server.shutdown()
+        dht.shutdown()
+
+
+def _serve_prometheus(host: str, port: int, get_snapshot):
+    """Serve ``to_prometheus(snapshot)`` at http://host:port/metrics from a background thread."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from p2ptrain.snapshot import to_prometheus
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = to_prometheus(get_snapshot()).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_):  # no access log on the dashboard's terminal
+            pass
+
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as e:
+        raise UserError(f"cannot serve Prometheus metrics on {host}:{port}: {e.strerror}")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _quit_keys():
+    """An Event set by 'q' on the terminal or by Ctrl-C / SIGTERM."""
+    import contextlib
+    import signal
+    import termios
+    import threading
+    import tty
+
+    @contextlib.contextmanager
+    def watch():
+        quit_requested = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: quit_requested.set())
+        saved = None
+        if sys.stdin.isatty():
+            saved = termios.tcgetattr(sys.stdin)
+            tty.setcbreak(sys.stdin)
+
+            def read_keys():
+                while not quit_requested.is_set():
+                    if sys.stdin.read(1) in ("q", "Q"):
+                        quit_requested.set()
+
+            threading.Thread(target=read_keys, daemon=True).start()
+        try:
+            yield quit_requested
+        finally:
+            if saved is not None:
+                termios.tcsetattr(sys.stdin, termios.TCSADRAIN, saved)
+
+    return watch()
+
+
 def _add_network_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("network")
     g.add_argument("--initial-peers", nargs="+", metavar="MADDR", help="addresses of peers already in the swarm")
@@ -386,6 +490,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_network_options(p)
     _add_training_options(p)
     p.set_defaults(func=cmd_join, json=False)
+
+    p = sub.add_parser("monitor", help="watch a swarm live in the terminal (trains nothing)",
+                       argument_default=argparse.SUPPRESS)
+    p.add_argument("--initial-peers", nargs="+", metavar="MADDR", help="address of any peer in the swarm")
+    p.add_argument("--run-id", help="the run to watch (default: p2ptrain)")
+    p.add_argument("--config", type=Path, metavar="FILE", help="a TOML profile (run_id, initial_peers)")
+    p.add_argument("--join-timeout", type=float, metavar="SECONDS", help="keep retrying initial peers (default 20)")
+    p.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    p.add_argument("--json", action="store_true", help="print one snapshot as JSON and exit")
+    p.add_argument("--wait", type=float, default=6.0, metavar="SECONDS",
+                   help="with --once/--json: wait this long for the first heartbeats (default 6)")
+    p.add_argument("--prometheus", type=int, metavar="PORT", help="also serve the figures in Prometheus format")
+    p.add_argument("--prometheus-host", default="127.0.0.1", help="address for --prometheus (default 127.0.0.1)")
+    p.add_argument("--log-format", choices=["rich", "plain"], default="rich", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_monitor, once=False, json=False, prometheus=None)
 
     p = sub.add_parser("bootstrap", help="run a DHT-only peer with a stable address for others to join through",
                        argument_default=argparse.SUPPRESS)

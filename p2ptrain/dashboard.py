@@ -15,7 +15,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from p2ptrain.snapshot import LedgerView, LocalStatus, PeerView, Snapshot
+from p2ptrain.snapshot import TRAINING_ROLES, LedgerView, LocalStatus, PeerView, Snapshot
 
 SPARK_CHARS = "▁▂▃▄▅▆▇█"
 EVENT_STYLES = {"joined": "green", "returned": "green", "left": "yellow", "stale": "yellow",
@@ -160,8 +160,8 @@ class Dashboard:
     def _peer_row(self, p: PeerView, narrow: bool) -> list[RenderableType]:
         s = self.snapshot
         lag = s.global_epoch - p.epoch
-        epoch = Text(str(p.epoch))
-        if lag > 0:
+        epoch = Text(str(p.epoch) if p.role in TRAINING_ROLES else "--")
+        if lag > 0 and p.role in TRAINING_ROLES:
             epoch = Text(f"{p.epoch} (-{lag})", style="yellow")  # behind the swarm: will download state
         status = [word for word, on in (("flagged", p.flagged), ("stale", p.stale), ("leaving", p.leaving)) if on]
         cells: list[RenderableType] = [Text(p.name, style="bold red" if p.flagged else "")]

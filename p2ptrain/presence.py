@@ -44,6 +44,9 @@ def parse_report(value: Any) -> PeerReport | None:
         "time": lambda v: isinstance(v, (int, float)) and math.isfinite(v),
         "leaving": lambda v: isinstance(v, bool),
         "relayed": lambda v: isinstance(v, bool),
+        "target_batch_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**40,
+        "rounds_failed": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**40,
+        "state_downloads": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**40,
     }
     if not all(check(value[name]) for name, check in checks.items()):
         return None

@@ -18,6 +18,7 @@ from typing import Any, Literal
 Role = Literal["trainer", "auxiliary", "bootstrap", "monitor"]
 Reachability = Literal["direct", "relayed", "client"]
 ROLES: tuple[str, ...] = typing.get_args(Role)
+TRAINING_ROLES = ("trainer", "auxiliary")  # the roles that have an epoch
 
 
 @dataclass(frozen=True)
@@ -143,8 +144,8 @@ class Snapshot:
 
     @property
     def lagging_peers(self) -> tuple[PeerView, ...]:
-        """Peers whose epoch is behind the global epoch."""
-        return tuple(p for p in self.peers if p.epoch < self.global_epoch)
+        """Training peers whose epoch is behind the global epoch (bootstrap and monitor peers have none)."""
+        return tuple(p for p in self.peers if p.role in TRAINING_ROLES and p.epoch < self.global_epoch)
 
     @property
     def progress(self) -> float:
@@ -329,6 +330,9 @@ class PeerReport:
     time: float
     leaving: bool = False
     relayed: bool = False
+    target_batch_size: int = 0  # samples per global epoch as this peer is configured (0: unknown)
+    rounds_failed: int = 0  # averaging rounds this peer has had to finish alone so far
+    state_downloads: int = 0  # times this peer downloaded the swarm's state
 
 
 class SnapshotTracker:

@@ -90,7 +90,7 @@ PR_SET_PDEATHSIG = 1
 os.register_at_fork(after_in_child=_die_with_parent)
 
 
-def start_dht(settings: Settings, identity: Identity, *, client_mode: bool | None = None,
+def start_dht(settings: Settings, identity: Identity | None, *, client_mode: bool | None = None,
               record_validators: Sequence[RecordValidatorBase] = ()) -> hivemind.DHT:
     """Start this peer's DHT node, retrying unreachable initial peers with backoff until ``join_timeout``."""
     initial_peers = parse_initial_peers(settings.initial_peers)
@@ -101,7 +101,7 @@ def start_dht(settings: Settings, identity: Identity, *, client_mode: bool | Non
             Multiaddr(address)
         except Exception:
             raise UserError(f"malformed announce address {address!r}: expected e.g. /ip4/203.0.113.5/tcp/31337")
-    if initial_peers:
+    if initial_peers and identity is not None:
         check_identity_free(identity, initial_peers)
 
     deadline = time.monotonic() + settings.join_timeout
@@ -111,7 +111,7 @@ def start_dht(settings: Settings, identity: Identity, *, client_mode: bool | Non
             return _DHT(
                 initial_peers=initial_peers, start=True, client_mode=client_mode,
                 host_maddrs=listen, announce_maddrs=settings.announce_maddrs or None,
-                identity_path=str(identity.path),
+                identity_path=str(identity.path) if identity else None,  # None: a throwaway peer id
                 check_if_identity_free=False,  # hivemind's check assumes RSA keys; see check_identity_free
                 record_validators=record_validators,
             )

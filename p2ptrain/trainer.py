@@ -6,6 +6,7 @@ deterministic batches until the swarm reaches ``max_epochs`` or a stop signal ar
 from __future__ import annotations
 
 import copy
+from collections import deque
 import logging
 import signal
 import threading
@@ -104,6 +105,8 @@ class Trainer:
         self.settings, self.task, self.identity, self.dht = settings, task, identity, dht
         self.checkpoint_dir = checkpoint_dir
         self.stats = Stats()
+        self._samples_seen: deque[tuple[float, int]] = deque()  # (time, samples) for the throughput window
+        self._samples_lock = threading.Lock()
         self.stop_requested = threading.Event()
         self.batch_size = settings.batch_size or task.batch_size
         self.max_epochs = settings.max_epochs or task.max_epochs
@@ -193,8 +196,19 @@ class Trainer:
             peer_id=self.identity.peer_id, name=self.identity.name,
             role="auxiliary" if self.settings.auxiliary else "trainer", client_mode=self.dht.client_mode,
             epoch=self.opt.local_epoch, samples_accumulated=self.opt.tracker.local_progress.samples_accumulated,
-            samples_per_second=float(self.opt.tracker.performance_ema.samples_per_second),
-            loss=self.stats.last_loss, time=time.time())
+            samples_per_second=self._throughput(),
+            loss=self.stats.last_loss, time=time.time(), target_batch_size=self.opt.target_batch_size,
+            rounds_failed=self.stats.rounds - self.stats.rounds_averaged, state_downloads=self.stats.state_downloads)
+
+    def _throughput(self) -> float:
+        """Samples per wall-clock second over the last ~10 s, waiting for rounds included."""
+        with self._samples_lock:  # called from the heartbeat and the status-line threads
+            now = time.monotonic()
+            self._samples_seen.append((now, self.stats.samples))
+            while len(self._samples_seen) > 2 and now - self._samples_seen[0][0] > 10:
+                self._samples_seen.popleft()
+            (t0, n0), (t1, n1) = self._samples_seen[0], self._samples_seen[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
     def status(self) -> LocalStatus:
         """This peer's live status (for the ``join`` status line); cheap, safe from any thread."""
@@ -203,7 +217,7 @@ class Trainer:
             name=self.identity.name, epoch=self.opt.local_epoch,
             samples_accumulated=self.opt.tracker.global_progress.samples_accumulated,
             target_batch_size=self.opt.target_batch_size,
-            samples_per_second=float(self.opt.tracker.performance_ema.samples_per_second),
+            samples_per_second=self._throughput(),
             loss=self.stats.last_loss, peers_last_round=self.stats.last_group_size if self.stats.rounds else None,
             state=stage)
 
