@@ -172,3 +172,16 @@ def test_both_backends_refuse_a_signers_small_order_tricks(keys, monkeypatch):
     monkeypatch.setattr(records_module, "_fast_verify", None)
     assert not from_json(trick.to_json()).verify()
     assert from_json(claim.to_json()).verify()
+
+
+def test_public_names_and_no_network_imports():
+    """Everything in __all__ exists, and the ledger core loads without hivemind or torch (only dht.py needs them)."""
+    import subprocess
+    import sys
+
+    import p2ptrain.ledger as ledger
+
+    assert all(hasattr(ledger, name) for name in ledger.__all__)
+    code = "import sys, p2ptrain.ledger; print(sorted({'hivemind', 'torch'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"
