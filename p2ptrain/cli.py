@@ -134,7 +134,8 @@ def cmd_join(args: argparse.Namespace) -> int:
                "checkpoint": finished.checkpoint_dir, "interrupted": finished.interrupted,
                "steps": finished.stats["steps"], "samples": finished.stats["samples"],
                "compute_seconds": round(finished.stats["compute_seconds"], 3),
-               "rounds": finished.stats["rounds"], "rounds_averaged": finished.stats["rounds_averaged"]}
+               "rounds": finished.stats["rounds"], "rounds_averaged": finished.stats["rounds_averaged"],
+               "ledger": finished.ledger, "ledger_clean": finished.stats["ledger_clean"]}
     if args.json:
         print(json.dumps(summary))
     else:
@@ -164,7 +165,6 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     from rich.live import Live
 
     from p2ptrain.dashboard import Dashboard
-    from p2ptrain.ledger.dht import Ed25519RecordValidator
     from p2ptrain.monitor import Collector
     from p2ptrain.swarm import start_dht
 
@@ -173,7 +173,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not settings.initial_peers:
         raise UserError("the monitor needs --initial-peers: the address of any peer in the swarm")
-    dht = start_dht(settings, None, client_mode=True, record_validators=[Ed25519RecordValidator(settings.run_id)])
+    dht = start_dht(settings, None, client_mode=True)
     server = None
     try:
         collector = Collector(dht, settings.run_id)
@@ -291,6 +291,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-dir", type=Path, help="default: ~/.p2ptrain/runs/<run>/<name>/checkpoint")
     g.add_argument("--checkpoint-every", type=int, metavar="EPOCHS", help="checkpoint interval (default: 10)")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    g.add_argument("--ledger", type=Path, metavar="PATH", help="ledger file (default: ~/.p2ptrain/runs/<run>/<name>/ledger.sqlite)")
     g.add_argument("--delay-updates", action=argparse.BooleanOptionalAction,
                    help="overlap averaging with the next epoch's compute (one stale step)")
     g.add_argument("--matchmaking-time", type=float, metavar="SECONDS", help="time to gather an averaging group")

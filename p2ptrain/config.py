@@ -39,9 +39,10 @@ class Settings:
     checkpoint_dir: Path | None = None  # default: <run dir>/checkpoint
     checkpoint_every: int = 10  # global epochs between checkpoints (one is always written on exit)
     resume: bool = False  # continue from the checkpoint in checkpoint_dir
+    ledger: Path | None = None  # default: <run dir>/ledger.sqlite
     delay_updates: bool | None = None  # overlap averaging with the next epoch's compute (default: the task's)
     matchmaking_time: float = 1.0  # seconds to gather an averaging group
-    averaging_timeout: float = 10.0  # give up on a round after this long: a peer that misses one moves on
+    averaging_timeout: float = 5.0  # give up on a round after this long: a peer that misses one moves on
     torch_threads: int = 1  # one thread per peer keeps several peers on one machine from fighting
 
     def as_dict(self) -> dict[str, Any]:

@@ -16,7 +16,9 @@ from typing import Callable
 
 from p2ptrain.config import Settings
 from p2ptrain.errors import UserError
+from p2ptrain.bookkeeper import Bookkeeper
 from p2ptrain.identity import Identity, IdentityLock, default_home
+from p2ptrain.ledger.store import Ledger, default_ledger_path
 from p2ptrain.presence import Heartbeat
 from p2ptrain.snapshot import LocalStatus, PeerReport
 
@@ -41,6 +43,7 @@ class Finished:
     accuracy: float | None
     checkpoint_dir: str
     stats: dict
+    ledger: str
     interrupted: bool
 
 
@@ -69,13 +72,18 @@ def run_join(settings: Settings, *, on_started: Callable[[Started], None],
     logger.info("settings: " + " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(settings.as_dict().items())
                                         if v not in (None, [], False)))
 
-    with IdentityLock(identity):
+    ledger_path = settings.ledger or default_ledger_path(default_home(), settings.run_id, identity.name)
+    if settings.ledger is None:
+        ledger_path.parent.mkdir(parents=True, exist_ok=True)
+    with IdentityLock(identity), Ledger(ledger_path, run_id=settings.run_id) as ledger:
         dht = start_dht(settings, identity)
         trainer = None
         try:
             on_started(Started(identity.name, identity.peer_id, join_line(dht, settings.run_id),
                                visible_addresses(dht), new_swarm=not settings.initial_peers))
-            trainer = Trainer(settings, task, identity, dht, checkpoint_dir=checkpoint_dir)
+            bookkeeper = None if settings.auxiliary else Bookkeeper(
+                identity, settings.run_id, ledger, dht, batch_size=settings.batch_size or task.batch_size)
+            trainer = Trainer(settings, task, identity, dht, checkpoint_dir=checkpoint_dir, bookkeeper=bookkeeper)
             if settings.resume:
                 trainer.resume()
             heartbeat = Heartbeat(dht, settings.run_id, identity.public_key.hex(), trainer.report)
@@ -87,7 +95,7 @@ def run_join(settings: Settings, *, on_started: Callable[[Started], None],
             finally:
                 heartbeat.leave()
             return Finished(identity.name, trainer.opt.local_epoch, getattr(trainer, "final_accuracy", None),
-                            str(checkpoint_dir), {k: v for k, v in vars(stats).items()},
+                            str(checkpoint_dir), {k: v for k, v in vars(stats).items()}, str(ledger_path),
                             interrupted=trainer.stop_requested.is_set())
         finally:
             t0 = time.monotonic()

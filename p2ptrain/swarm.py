@@ -19,6 +19,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from p2ptrain.config import Settings
 from p2ptrain.errors import UserError
 from p2ptrain.identity import Identity
+from p2ptrain.ledger.dht import Ed25519RecordValidator
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def start_dht(settings: Settings, identity: Identity | None, *, client_mode: boo
                 host_maddrs=listen, announce_maddrs=settings.announce_maddrs or None,
                 identity_path=str(identity.path) if identity else None,  # None: a throwaway peer id
                 check_if_identity_free=False,  # hivemind's check assumes RSA keys; see check_identity_free
-                record_validators=record_validators,
+                record_validators=[Ed25519RecordValidator(settings.run_id), *record_validators],
             )
         except Exception as e:
             if not initial_peers or not _is_unreachable(e):

@@ -14,13 +14,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from functools import partial
-from typing import Callable
+from typing import Any, Callable
 
 import hivemind
 import torch
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.utils.crypto import RSAPrivateKey
 
+from p2ptrain.bookkeeper import Bookkeeper
 from p2ptrain.config import Settings
 from p2ptrain.errors import UserError
 from p2ptrain.identity import Identity
@@ -46,39 +47,74 @@ class Stats:
     last_loss: float | None = None
     rollbacks: int = 0
     state_downloads: int = 0
+    ledger_clean: bool | None = None  # did this peer's ledger verify clean when it left?
     epoch: int = 0
     samples_accumulated: int = 0
     stage: str = "starting"
 
 
+class GatheringGradientAverager(GradientAverager):
+    """A gradient averager whose rounds carry ``self.gather`` (this epoch's signed claim) to groupmates
+    and meet only peers averaging the same epoch (``self.epoch``)."""
+
+    gather: Any = None
+    epoch: int = 0
+
+    def schedule_step(self, *args, **kwargs):
+        # hivemind groups peers by key regardless of epoch; a peer one epoch behind would average stale
+        # gradients into the round and co-sign a receipt for another epoch. The epoch in the group key
+        # keeps rounds to one epoch; a peer that is behind averages alone, then loads the swarm's state.
+        self.set_group_bits(format(self.epoch % 256, "08b"))
+        return super().schedule_step(*args, **kwargs)
+
+    def step(self, control=None, **kwargs):
+        if control is None and self.gather is not None:
+            kwargs.setdefault("gather", self.gather)
+        return super().step(control=control, **kwargs)
+
+
 class SwarmOptimizer(hivemind.Optimizer):
-    """``hivemind.Optimizer`` that reports how each averaging round ended."""
+    """``hivemind.Optimizer`` that signs a claim before each round and co-signs the round after it.
 
-    def __init__(self, *, on_round: Callable[[int], None], **kwargs):
-        self._on_round = on_round
+    Args:
+        bookkeeper: the peer's ledger side; None for auxiliary peers, which claim nothing.
+        on_round: called with the size of each finished round's group (0: the peer averaged alone).
+    """
+
+    def __init__(self, *, bookkeeper: Bookkeeper | None, on_round: Callable[[int], None], **kwargs):
+        self.bookkeeper, self._on_round = bookkeeper, on_round
         self.in_round = False
+        self._round_epoch = 0
         super().__init__(**kwargs)
-
-    def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
-        group_size = 0
-        try:
-            if maybe_step_control is not None:
-                gathered = maybe_step_control.result(self.averaging_timeout)
-                group_size = len(gathered)
-                self._load_averaged_gradients_into_optimizer_()
-        except BaseException as e:
-            logger.info(f"averaging gradients failed ({e!r}); using local gradients for this epoch")
-            group_size = 0
-        if group_size == 0:
-            self._load_local_gradients_into_optimizer()
-        self._on_round(group_size)
 
     def _update_global_epoch(self, grad_scaler) -> None:
         self.in_round = True  # read by the status line
+        self._round_epoch = self.grad_averager.epoch = self.local_epoch
         try:
+            if self.bookkeeper is not None and not self.auxiliary:
+                with torch.no_grad():  # hivemind keeps the accumulated local gradients in these buffers
+                    accumulated = list(self.grad_averager._grad_accumulators())
+                self.grad_averager.gather = self.bookkeeper.claim(
+                    self.local_epoch, self.grad_averager.local_samples_accumulated, accumulated)
             super()._update_global_epoch(grad_scaler)
         finally:
             self.in_round = False
+
+    def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
+        gathered = None
+        try:
+            if maybe_step_control is not None:
+                gathered = maybe_step_control.result(self.averaging_timeout)
+                self._load_averaged_gradients_into_optimizer_()
+        except BaseException as e:
+            logger.info(f"averaging gradients failed ({e!r}); using local gradients for this epoch")
+            gathered = None
+        if not gathered:
+            self._load_local_gradients_into_optimizer()
+        if self.bookkeeper is not None and not self.auxiliary:
+            with self.grad_averager.get_tensors() as result:  # what this peer's optimizer step will use
+                self.bookkeeper.close_round(self._round_epoch, gathered, result)
+        self._on_round(len(gathered) if gathered else 0)
 
     def _maybe_schedule_gradient_averaging(self) -> None:
         """Trainers never pre-schedule: a round starts when the epoch ends, so what it gathers is final.
@@ -87,6 +123,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         late; pre-scheduling from the tracker's ETA puts them in the trainers' groups on time.
         """
         if self.auxiliary:
+            self.grad_averager.epoch = self.local_epoch
             super()._maybe_schedule_gradient_averaging()
 
     def _begin_averaging_gradients(self, grad_scaler) -> bool:
@@ -94,14 +131,26 @@ class SwarmOptimizer(hivemind.Optimizer):
         # hivemind would mistake it for a used pre-scheduled group and skip averaging this epoch.
         if self.scheduled_grads is not None and (self.scheduled_grads.triggered or self.scheduled_grads.done()):
             self.scheduled_grads = None
-        return super()._begin_averaging_gradients(grad_scaler)
+        if not self.auxiliary and self.tracker.global_epoch > self.local_epoch:
+            # the swarm has moved on: nobody will join this epoch's group, so don't wait for one;
+            # hivemind loads the swarm's state on the next step
+            logger.info(f"swarm is at epoch {self.tracker.global_epoch}, this peer at {self.local_epoch}: "
+                        f"skipping the round")
+            began = False
+        else:
+            began = super()._begin_averaging_gradients(grad_scaler)
+        if not began and self.bookkeeper is not None and not self.auxiliary:
+            self.grad_averager.load_accumulators_into_averager_()  # hivemind does this next, too
+            with self.grad_averager.get_tensors() as local_result:
+                self.bookkeeper.close_round(self._round_epoch, None, local_result)
+        return began
 
 
 class Trainer:
     """Trains ``task`` as one peer of the swarm reachable through ``dht``."""
 
     def __init__(self, settings: Settings, task: Task, identity: Identity, dht: hivemind.DHT, *,
-                 checkpoint_dir: Path):
+                 checkpoint_dir: Path, bookkeeper: Bookkeeper | None):
         self.settings, self.task, self.identity, self.dht = settings, task, identity, dht
         self.checkpoint_dir = checkpoint_dir
         self.stats = Stats()
@@ -116,7 +165,9 @@ class Trainer:
         torch.manual_seed(settings.seed)  # every peer starts from the same weights
         self.model = task.make_model()
         lr = settings.lr or task.lr
+        self.bookkeeper = bookkeeper
         self.opt = SwarmOptimizer(
+            bookkeeper=None if settings.auxiliary else bookkeeper,
             on_round=self._record_round,
             dht=dht,
             run_id=settings.run_id,
@@ -136,7 +187,7 @@ class Trainer:
             tracker_opts=dict(private_key=RSAPrivateKey(), min_refresh_period=0.25, default_refresh_period=1.0),
             # a request timeout below the matchmaking time avoids matchmaking deadlocks (hivemind warns otherwise)
             averager_opts=dict(request_timeout=settings.matchmaking_time / 2),
-            grad_averager_factory=partial(GradientAverager, request_timeout=settings.matchmaking_time / 2),
+            grad_averager_factory=partial(GatheringGradientAverager, request_timeout=settings.matchmaking_time / 2),
         )
         self._last_good = self._snapshot()
         self._install_signal_handlers()  # after the averagers: they set SIGINT to SIG_IGN when they start
@@ -229,16 +280,20 @@ class Trainer:
         if self.settings.auxiliary:
             return self._run_auxiliary()
         step, losses = 0, []
+        self._start_epoch(step)
         while not self.stop_requested.is_set() and self.opt.local_epoch < self.max_epochs:
             inputs, labels = self.task.batch(self.settings.run_id, self.identity.peer_id, step, self.batch_size)
             begin = time.perf_counter()
             loss = self.task.loss(self.model(inputs), labels)
             loss.backward()
-            self.stats.compute_seconds += time.perf_counter() - begin
+            seconds = time.perf_counter() - begin
+            self.stats.compute_seconds += seconds
             step += 1
             if not self._finite(loss):
                 self._roll_back(f"loss is {loss.item()}")
                 continue
+            if self.bookkeeper is not None:
+                self.bookkeeper.note_step(seconds, loss.item())  # before opt.step(): it may end the epoch
             epoch_before = self.opt.local_epoch
             self.opt.step()
             self.opt.zero_grad()
@@ -248,9 +303,14 @@ class Trainer:
             self.stats.steps, self.stats.samples = step, self.stats.samples + len(labels)
             if self.opt.local_epoch != epoch_before:
                 self._on_epoch(losses)
+                self._start_epoch(step)
                 losses = []
         self.finish()
         return self.stats
+
+    def _start_epoch(self, next_step: int) -> None:
+        if self.bookkeeper is not None:
+            self.bookkeeper.start_epoch(list(self.model.parameters()), next_step)
 
     def _run_auxiliary(self) -> Stats:
         last_trainer_seen = time.monotonic()
@@ -273,6 +333,8 @@ class Trainer:
         if not self._weights_finite():
             self._restore(self._last_good)
         self.save_checkpoint()
+        if self.bookkeeper is not None:
+            self.stats.ledger_clean = self.bookkeeper.finish()
 
     def shutdown(self) -> None:
         self.opt.shutdown()

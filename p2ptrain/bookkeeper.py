@@ -1,0 +1,148 @@
+"""The ledger's side of a training peer: one signed claim and one co-signed receipt per epoch.
+
+The trainer tells the :class:`Bookkeeper` what happened (steps, the round's start and end); the
+bookkeeper signs, appends to the local SQLite ledger, and publishes to / fetches from the DHT in a
+background thread so the training loop never waits for the network on the ledger's behalf.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from p2ptrain.identity import Identity
+from p2ptrain.ledger.audit import verify
+from p2ptrain.ledger.dht import fetch, publish
+from p2ptrain.ledger.records import Claim, Record
+from p2ptrain.ledger.store import Ledger
+from p2ptrain.ledger.writer import LedgerWriter, tensor_digest
+
+logger = logging.getLogger(__name__)
+
+SYNC_PERIOD = 5.0  # seconds between background fetches of groupmates' records
+FINAL_SYNC = 10.0  # at exit, keep fetching this long for the last round's co-signatures
+
+
+class Bookkeeper:
+    """Claims, receipts and replication for one peer.
+
+    Args:
+        identity: this peer's key (signs every record).
+        run_id: the run.
+        ledger: the peer's open ledger.
+        dht: the peer's DHT node (for publishing and fetching records).
+        batch_size: local batch size (part of the data assignment that re-derives batches).
+    """
+
+    def __init__(self, identity: Identity, run_id: str, ledger: Ledger, dht: Any, *, batch_size: int):
+        self.writer = LedgerWriter(identity, run_id, ledger)
+        self.identity, self.run_id, self.ledger, self.dht = identity, run_id, ledger, dht
+        self.batch_size = batch_size
+        self._first_step, self._steps, self._compute, self._losses = 0, 0, 0.0, []
+        self._model_digest = ""
+        self._claim: Claim | None = None
+        self._outbox: queue.Queue[Record | None] = queue.Queue()
+        self._epochs_seen: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._replicate, name="p2ptrain-ledger", daemon=True)
+        self._thread.start()
+
+    # --- called by the trainer, in order, every epoch -----------------------------------------
+
+    def start_epoch(self, parameters: Sequence[torch.Tensor], next_step: int) -> None:
+        """The epoch's work starts from these weights, at this local step."""
+        self._model_digest = tensor_digest(parameters)
+        self._first_step, self._steps, self._compute, self._losses = next_step, 0, 0.0, []
+
+    def note_step(self, compute_seconds: float, loss: float) -> None:
+        self._steps += 1
+        self._compute += compute_seconds
+        self._losses.append(loss)
+
+    def claim(self, epoch: int, samples: int, gradients: Sequence[torch.Tensor]) -> dict[str, Any]:
+        """Sign this epoch's claim; returns what the round's all-gather carries to groupmates."""
+        mean_loss = sum(self._losses) / len(self._losses) if self._losses else None
+        self._claim = self.writer.claim(
+            epoch, samples, self._compute,
+            {"first_step": self._first_step, "steps": self._steps, "batch_size": self.batch_size},
+            self._model_digest, tensor_digest(gradients), mean_loss)
+        self._outbox.put(self._claim)
+        return LedgerWriter.gather_payload(self._claim, samples)
+
+    def close_round(self, epoch: int, gathered: Mapping[Any, Any] | None, result: Sequence[torch.Tensor]) -> None:
+        """Check groupmates' claims and co-sign the round (a receipt of one when no group formed)."""
+        if self._claim is None:
+            return  # nothing claimed this epoch (e.g. the round began before the first step)
+        weight = self._claim.samples
+        members: dict[bytes, float] = {self.writer.public_key: weight}
+        if gathered:
+            check = self.writer.check_groupmate_claims(epoch, gathered)
+            members = dict(check.members) or members
+            members.setdefault(self.writer.public_key, weight)
+        self._outbox.put(self.writer.cosign(epoch, members, tensor_digest(result)))
+        self._epochs_seen.add(epoch)
+        self._claim = None
+
+    # --- replication ------------------------------------------------------------------------
+
+    def _replicate(self) -> None:
+        """Publish our records as they are signed; every SYNC_PERIOD fetch recent epochs' records."""
+        next_sync = time.monotonic() + SYNC_PERIOD
+        while not self._stop.is_set():
+            try:
+                record = self._outbox.get(timeout=max(0.0, next_sync - time.monotonic()))
+                if record is not None:
+                    self._publish([record])
+            except queue.Empty:
+                pass
+            if time.monotonic() >= next_sync:
+                recent = sorted(self._epochs_seen)[-3:]
+                self._sync(recent)
+                next_sync = time.monotonic() + SYNC_PERIOD
+
+    def _publish(self, records: list[Record]) -> None:
+        try:
+            publish(self.dht, records)
+        except Exception as e:  # the record stays in the local ledger; peers fetch it from us later
+            logger.debug(f"ledger publish failed: {e!r}")
+
+    def _sync(self, epochs: Sequence[int]) -> int:
+        if not epochs:
+            return 0
+        try:
+            return self.ledger.add_verified(fetch(self.dht, self.run_id, epochs))
+        except Exception as e:
+            logger.debug(f"ledger sync failed: {e!r}")
+            return 0
+
+    def finish(self) -> bool:
+        """Publish what is left, then fetch every epoch we took part in until the ledger verifies clean
+        (groupmates' last co-signatures arrive a moment after ours) or FINAL_SYNC passes."""
+        self._stop.set()
+        self._outbox.put(None)
+        self._thread.join(timeout=5)
+        pending = []
+        while not self._outbox.empty():
+            if (record := self._outbox.get_nowait()) is not None:
+                pending.append(record)
+        if pending:
+            self._publish(pending)
+        # every epoch, not only ours: a peer that loaded state mid-run would otherwise keep a partial copy
+        epochs = list(range(max(self._epochs_seen, default=-1) + 1))
+        deadline = time.monotonic() + FINAL_SYNC
+        while True:
+            self._sync(epochs)
+            report = verify(self.ledger.records(), run_id=self.run_id)
+            if report.ok or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        if report.ok:
+            logger.info(f"ledger: {report.records} records, verified clean ({self.ledger.path})")
+        else:
+            logger.warning(f"ledger: {len(report.problems)} problem(s) remain (p2ptrain ledger verify "
+                           f"--ledger {self.ledger.path})")
+        return report.ok
