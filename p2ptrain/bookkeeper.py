@@ -44,6 +44,7 @@ class Bookkeeper:
         self.batch_size = batch_size
         self._first_step, self._steps, self._compute, self._losses = 0, 0, 0.0, []
         self._model_digest = ""
+        self._heldout: float | None = None
         self._claim: Claim | None = None
         self._outbox: queue.Queue[Record | None] = queue.Queue()
         self._epochs_seen: set[int] = set()
@@ -53,9 +54,10 @@ class Bookkeeper:
 
     # --- called by the trainer, in order, every epoch -----------------------------------------
 
-    def start_epoch(self, parameters: Sequence[torch.Tensor], next_step: int) -> None:
-        """The epoch's work starts from these weights, at this local step."""
+    def start_epoch(self, parameters: Sequence[torch.Tensor], next_step: int, heldout_loss: float | None) -> None:
+        """The epoch's work starts from these weights (with this held-out loss), at this local step."""
         self._model_digest = tensor_digest(parameters)
+        self._heldout = heldout_loss
         self._first_step, self._steps, self._compute, self._losses = next_step, 0, 0.0, []
 
     def note_step(self, compute_seconds: float, loss: float) -> None:
@@ -69,7 +71,7 @@ class Bookkeeper:
         self._claim = self.writer.claim(
             epoch, samples, self._compute,
             {"first_step": self._first_step, "steps": self._steps, "batch_size": self.batch_size},
-            self._model_digest, tensor_digest(gradients), mean_loss)
+            self._model_digest, tensor_digest(gradients), mean_loss, heldout_loss=self._heldout)
         self._outbox.put(self._claim)
         return LedgerWriter.gather_payload(self._claim, samples)
 

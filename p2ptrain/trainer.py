@@ -30,6 +30,7 @@ from p2ptrain.snapshot import LocalStatus, PeerReport
 from p2ptrain.tasks import Task
 
 logger = logging.getLogger(__name__)
+HELDOUT = 512  # test examples behind the per-epoch held-out loss
 ROUTINE = {"routine": True}  # per-epoch lines: the live status line replaces them on a terminal
 
 
@@ -310,7 +311,13 @@ class Trainer:
 
     def _start_epoch(self, next_step: int) -> None:
         if self.bookkeeper is not None:
-            self.bookkeeper.start_epoch(list(self.model.parameters()), next_step)
+            self.bookkeeper.start_epoch(list(self.model.parameters()), next_step, self._heldout_loss())
+
+    @torch.no_grad()
+    def _heldout_loss(self) -> float:
+        """Loss on a fixed slice of the test set: the ledger's "did the work help" figure (~1 ms here)."""
+        inputs, labels = self.task.test[0][:HELDOUT], self.task.test[1][:HELDOUT]
+        return float(self.task.loss(self.model(self.task.prepare(inputs)), labels))
 
     def _run_auxiliary(self) -> Stats:
         last_trainer_seen = time.monotonic()
