@@ -134,6 +134,7 @@ def cmd_join(args: argparse.Namespace) -> int:
                "checkpoint": finished.checkpoint_dir, "interrupted": finished.interrupted,
                "steps": finished.stats["steps"], "samples": finished.stats["samples"],
                "compute_seconds": round(finished.stats["compute_seconds"], 3),
+               "training_seconds": round(finished.stats["training_seconds"], 3),
                "rounds": finished.stats["rounds"], "rounds_averaged": finished.stats["rounds_averaged"],
                "ledger": finished.ledger, "ledger_clean": finished.stats["ledger_clean"]}
     if args.json:

@@ -6,14 +6,14 @@ deterministic batches until the swarm reaches ``max_epochs`` or a stop signal ar
 from __future__ import annotations
 
 import copy
-from collections import deque
 import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections import deque
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable
 
 import hivemind
@@ -38,10 +38,10 @@ ROUTINE = {"routine": True}  # per-epoch lines: the live status line replaces th
 class Stats:
     """What a peer measured about its own run (also the source of its live status line)."""
 
-    started: float = field(default_factory=time.time)
     steps: int = 0
     samples: int = 0
     compute_seconds: float = 0.0  # forward + backward only
+    training_seconds: float = 0.0  # wall time from the first step to leaving (utilisation = compute / this)
     rounds: int = 0  # global epochs this peer took part in
     rounds_averaged: int = 0  # ... of which its gradients were averaged with at least one other peer
     last_group_size: int = 0
@@ -49,8 +49,6 @@ class Stats:
     rollbacks: int = 0
     state_downloads: int = 0
     ledger_clean: bool | None = None  # did this peer's ledger verify clean when it left?
-    epoch: int = 0
-    samples_accumulated: int = 0
     stage: str = "starting"
 
 
@@ -155,6 +153,7 @@ class Trainer:
         self.settings, self.task, self.identity, self.dht = settings, task, identity, dht
         self.checkpoint_dir = checkpoint_dir
         self.stats = Stats()
+        self._training_started: float | None = None
         self._samples_seen: deque[tuple[float, int]] = deque()  # (time, samples) for the throughput window
         self._samples_lock = threading.Lock()
         self.stop_requested = threading.Event()
@@ -281,6 +280,7 @@ class Trainer:
         if self.settings.auxiliary:
             return self._run_auxiliary()
         step, losses = 0, []
+        self._training_started = time.monotonic()
         self._start_epoch(step)
         while not self.stop_requested.is_set() and self.opt.local_epoch < self.max_epochs:
             inputs, labels = self.task.batch(self.settings.run_id, self.identity.peer_id, step, self.batch_size)
@@ -337,6 +337,8 @@ class Trainer:
         """Apply the last delayed update and write a checkpoint."""
         self.stats.stage = "leaving"
         self.opt.state_averager.step(wait_for_delayed_updates=True)
+        if self._training_started is not None:
+            self.stats.training_seconds = time.monotonic() - self._training_started
         if not self._weights_finite():
             self._restore(self._last_good)
         self.save_checkpoint()
@@ -370,8 +372,6 @@ class Trainer:
     def _refresh_stats(self, losses: list[float]) -> None:
         if losses:
             self.stats.last_loss = sum(losses) / len(losses)
-        self.stats.epoch = self.opt.local_epoch
-        self.stats.samples_accumulated = self.opt.tracker.global_progress.samples_accumulated
 
     # --- bad numbers never reach the swarm ----------------------------------------------------
 
@@ -397,10 +397,7 @@ class Trainer:
         with torch.no_grad():
             self.model.load_state_dict(snapshot["model"])
             self.opt.opt.load_state_dict(snapshot["optimizer"])
-            # with an offloaded optimizer the optimizer holds its own copy of the weights
-            offloaded = [p for group in self.opt.opt.param_groups for p in group["params"]]
-            for main, copy_ in zip(self.model.parameters(), offloaded):
-                copy_.copy_(main)
+        self._restore_offloaded_from_model()
 
     # --- checkpoints --------------------------------------------------------------------------
 
@@ -431,6 +428,7 @@ class Trainer:
         logger.info(f"resumed from {self.checkpoint_dir} at epoch {self.opt.local_epoch}")
 
     def _restore_offloaded_from_model(self) -> None:
+        """hivemind's offloaded optimizer holds its own copy of the weights: make it match the model."""
         with torch.no_grad():
             offloaded = [p for group in self.opt.opt.param_groups for p in group["params"]]
             for main, copy_ in zip(self.model.parameters(), offloaded):
