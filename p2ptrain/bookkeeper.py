@@ -83,8 +83,9 @@ class Bookkeeper:
         members: dict[bytes, float] = {self.writer.public_key: weight}
         if gathered:
             check = self.writer.check_groupmate_claims(epoch, gathered)
-            members = dict(check.members) or members
-            members.setdefault(self.writer.public_key, weight)
+            # the receipt lists the members whose valid claim is for this epoch: a groupmate one epoch
+            # behind (hivemind lets it tag along) co-signs its own epoch's receipt, so both verify
+            members.update({key: w for key, w in check.members.items() if key in check.claims})
         self._outbox.put(self.writer.cosign(epoch, members, tensor_digest(result)))
         self._epochs_seen.add(epoch)
         self._claim = None

@@ -152,9 +152,9 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     from p2ptrain.peer import run_bootstrap
 
     setup_logging(args)
-    if "port" not in vars(args) and "host_maddrs" not in vars(args):
-        args.port = BOOTSTRAP_PORT
     settings = _settings(args)
+    if settings.port == 0 and not settings.host_maddrs:  # neither flags nor profile chose where to listen
+        settings.port = BOOTSTRAP_PORT
     run_bootstrap(settings, on_started=lambda s: _print_started(s, role="bootstrap peer"))
     console.print("bootstrap peer stopped")
     return 0

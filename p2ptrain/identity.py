@@ -91,10 +91,13 @@ class Identity:
             message = None
         if message is None or len(blob) == 0:
             raise UserError(f"identity file {path} is corrupt (not a libp2p private key)")
-        if message.key_type != crypto_pb2.KeyType.Ed25519 or len(message.data) != 64:
+        if message.key_type != crypto_pb2.KeyType.Ed25519:
             kind = crypto_pb2.KeyType.Name(message.key_type) if message.key_type in (0, 1, 2, 3) else "unknown"
-            raise UserError(f"identity file {path} holds a {kind} key; p2ptrain needs an Ed25519 key "
+            raise UserError(f"identity file {path} holds a key of type {kind}; p2ptrain needs an Ed25519 key "
                             f"(move the file away and a new one is created)")
+        if len(message.data) != 64:
+            raise UserError(f"identity file {path} is corrupt (an Ed25519 key of {len(message.data)} bytes, "
+                            f"expected 64)")
         private_key = Ed25519PrivateKey.from_private_bytes(message.data[:32])
         public_key = private_key.public_key().public_bytes_raw()
         if public_key != message.data[32:]:

@@ -53,18 +53,9 @@ class Stats:
 
 
 class GatheringGradientAverager(GradientAverager):
-    """A gradient averager whose rounds carry ``self.gather`` (this epoch's signed claim) to groupmates
-    and meet only peers averaging the same epoch (``self.epoch``)."""
+    """A gradient averager whose rounds carry ``self.gather`` (this epoch's signed claim) to groupmates."""
 
     gather: Any = None
-    epoch: int = 0
-
-    def schedule_step(self, *args, **kwargs):
-        # hivemind groups peers by key regardless of epoch; a peer one epoch behind would average stale
-        # gradients into the round and co-sign a receipt for another epoch. The epoch in the group key
-        # keeps rounds to one epoch; a peer that is behind averages alone, then loads the swarm's state.
-        self.set_group_bits(format(self.epoch % 256, "08b"))
-        return super().schedule_step(*args, **kwargs)
 
     def step(self, control=None, **kwargs):
         if control is None and self.gather is not None:
@@ -88,7 +79,7 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def _update_global_epoch(self, grad_scaler) -> None:
         self.in_round = True  # read by the status line
-        self._round_epoch = self.grad_averager.epoch = self.local_epoch
+        self._round_epoch = self.local_epoch
         try:
             if self.bookkeeper is not None and not self.auxiliary:
                 with torch.no_grad():  # hivemind keeps the accumulated local gradients in these buffers
@@ -122,7 +113,6 @@ class SwarmOptimizer(hivemind.Optimizer):
         late; pre-scheduling from the tracker's ETA puts them in the trainers' groups on time.
         """
         if self.auxiliary:
-            self.grad_averager.epoch = self.local_epoch
             super()._maybe_schedule_gradient_averaging()
 
     def _begin_averaging_gradients(self, grad_scaler) -> bool:
@@ -298,7 +288,7 @@ class Trainer:
             epoch_before = self.opt.local_epoch
             self.opt.step()
             self.opt.zero_grad()
-            if step == 1:
+            if step == 1 and self.settings.min_peers > 1:
                 self._wait_for_tracker()
             losses.append(loss.item())
             self.stats.steps, self.stats.samples = step, self.stats.samples + len(labels)

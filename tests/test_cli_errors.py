@@ -135,7 +135,7 @@ def test_identity_of_another_key_type(cli: Cli, work_dir: Path, kind: str, make_
     """A valid libp2p key that is not Ed25519 (e.g. one hivemind generated, which is RSA)."""
     (work_dir / "peer.key").write_bytes(key_blob(getattr(crypto_pb2.KeyType, kind), make_data()))
     line = failed(join(cli, work_dir))
-    assert f"holds a {kind} key" in line and "needs an Ed25519 key" in line
+    assert f"holds a key of type {kind}" in line and "needs an Ed25519 key" in line
 
 
 # --- checkpoints and profiles -------------------------------------------------------------------

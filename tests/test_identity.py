@@ -76,7 +76,7 @@ def test_signatures(tmp_path: Path) -> None:
 @pytest.mark.parametrize("content, message", [
     (b"\xff\xfe not a key", "is corrupt"),
     (b"", "is corrupt"),
-    (crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=b"x" * 64).SerializeToString(), "holds a RSA key"),
+    (crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=b"x" * 64).SerializeToString(), "holds a key of type RSA"),
 ])
 def test_bad_key_files(tmp_path: Path, content: bytes, message: str) -> None:
     path = tmp_path / "peer.key"
