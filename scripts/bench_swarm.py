@@ -111,13 +111,24 @@ def _pct(value: float | None, digits: int) -> str:
     return "n/a" if value is None else f"{100 * value:.{digits}f}%"
 
 
+class BenchError(Exception):
+    """A case failed; ``report`` holds the cases measured before it."""
+
+    def __init__(self, error: SwarmError, report: Report):
+        super().__init__(str(error))
+        self.error, self.report = error, report
+
+
 def bench(cases: Sequence[Case], *, max_epochs: int | None, timeout: float, console: Console) -> Report:
-    measures = []
+    measures: list[CaseMeasure] = []
     for case in cases:
         console.print(f"[bold]{case.task}[/], {case.peers} peers, join flags: {' '.join(case.join_args)}")
         load = os.getloadavg()[0]
-        result = run_swarm(peers=case.peers, task=case.task, max_epochs=max_epochs, timeout=timeout,
-                           join_args=case.join_args, console=console)
+        try:
+            result = run_swarm(peers=case.peers, task=case.task, max_epochs=max_epochs, timeout=timeout,
+                               join_args=case.join_args, console=console)
+        except SwarmError as e:
+            raise BenchError(e, Report(tuple(measures))) from e
         measures.append(CaseMeasure.of(result, load))
         time.sleep(2.0)  # let the last swarm's processes finish exiting before timing the next
     return Report(tuple(measures))
@@ -129,15 +140,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help=f"{QUICK_EPOCHS} epochs per case: a smoke test, no measurement")
     p.add_argument("--json", action="store_true", help="print the raw numbers as one JSON object on stdout")
     p.add_argument("--tasks", nargs="+", choices=[c.task for c in CASES], help="only these cases")
-    p.add_argument("--timeout", type=float, default=900.0, help="limit per case in seconds (default: 900)")
+    # fashion-mlp's 220 epochs took 15 min at load 9 on 2 shared cores: the limit only catches a hung swarm
+    p.add_argument("--timeout", type=float, default=2400.0, help="limit per case in seconds (default: 2400)")
     args = p.parse_args(argv)
     err = Console(stderr=True, highlight=False)
     cases = [c for c in CASES if not args.tasks or c.task in args.tasks]
     try:
         report = bench(cases, max_epochs=QUICK_EPOCHS if args.quick else None, timeout=args.timeout, console=err)
-    except SwarmError as e:
+    except BenchError as e:
+        if e.report.cases:
+            err.print("measured before the failure:")
+            Console(stderr=True, highlight=False, width=200).print(e.report)
         err.print(f"[red]error:[/] {e}", soft_wrap=True)
-        for line in e.tail:
+        for line in e.error.tail:
             err.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:
