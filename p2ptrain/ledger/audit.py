@@ -203,9 +203,15 @@ def _check_chains(good: Sequence[tuple[Record, str | None]], invalid_seqs: dict[
 def _check_receipts(receipts: Sequence[Receipt], where_of: dict[str, str | None]) -> list[Problem]:
     problems: list[Problem] = []
     rounds_signed: dict[tuple[bytes, int], ReceiptSignature] = {}
+    # hivemind retries matchmaking inside one round: a peer whose first attempt failed on its side may
+    # have left its claim with a group that finished without it, then co-signed the group it ended in.
+    # Its missing co-signature on the first group is no problem when it co-signed a round of that epoch.
+    cosigned_epoch = {(signature.public_key, signature.epoch) for receipt in receipts for signature in receipt.signatures}
     for receipt in receipts:
         first = receipt.first
         for member in receipt.missing:
+            if (member, first.epoch) in cosigned_epoch:
+                continue
             problems.append(problem_about(
                 "missing_cosignature", f"group {first.group_id[:12]} of epoch {first.epoch} has no co-signature from "
                 f"member {readable_name(member)} ({len(receipt.signatures)}/{len(first.members)} signed)",
