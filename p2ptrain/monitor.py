@@ -74,9 +74,11 @@ class Collector:
         for record in found:
             self._records.setdefault(record.hash, record)
         self._ledger_read_until = max(self._ledger_read_until, global_epoch - LEDGER_WINDOW + 1)
-        if not self._records:
+        # the last two epochs are still in flight (claims whose receipts are not published yet)
+        settled = [r for r in self._records.values() if r.epoch < global_epoch - 1]
+        if not settled:
             return None, None
-        report = verify(self._records.values(), run_id=self.run_id)
+        report = verify(settled, run_id=self.run_id)
         fair = fairness(report, run_id=self.run_id)
         failed = sum(1 for p in report.problems if p.code == "bad_signature")
         flagged = tuple(sorted(peer_id_of(share.public_key) for share in fair.peers if share.flags))
