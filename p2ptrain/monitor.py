@@ -20,6 +20,9 @@ from p2ptrain.identity import peer_id_of
 
 logger = logging.getLogger(__name__)
 
+# what a partial, still-replicating copy of the ledger shows for honest peers; `ledger verify` on a
+# peer's own ledger still reports these, the live monitor does not flag a peer for them
+INCOMPLETE_VIEW = {"claim_without_receipt", "missing_cosignature", "chain_gap"}
 LEDGER_WINDOW = 3  # epochs re-read on every refresh; older epochs are read once (their records are final)
 
 
@@ -81,7 +84,8 @@ class Collector:
         report = verify(settled, run_id=self.run_id)
         fair = fairness(report, run_id=self.run_id)
         failed = sum(1 for p in report.problems if p.code == "bad_signature")
-        flagged = tuple(sorted(peer_id_of(share.public_key) for share in fair.peers if share.flags))
+        flagged = tuple(sorted(peer_id_of(share.public_key) for share in fair.peers
+                               if set(share.flags) - INCOMPLETE_VIEW))
         view = LedgerView(records=report.records, verified=report.records - failed, failed=failed,
                           flagged_peers=flagged)
         return view, {peer_id_of(share.public_key): share.share for share in fair.peers}
