@@ -404,13 +404,7 @@ class Swarm:
                 peer.proc.kill()
             peer.proc.wait()
         if psutil is not None:
-            alive = [p for p in self._descendants.values() if p.is_running()]
-            for p in alive:
-                try:
-                    p.kill()
-                except psutil.Error:
-                    pass
-            psutil.wait_procs(alive, timeout=5)
+            _kill([p for p in self._descendants.values() if p.is_running()])
             leftovers(self.token, kill=True)
         for peer in self._processes():
             peer.close()
@@ -430,6 +424,16 @@ def _killpg(pgid: int) -> None:
         pass
 
 
+def _kill(processes: list) -> None:
+    """SIGKILL each psutil process (those already gone are skipped) and reap them."""
+    for p in processes:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(processes, timeout=5)
+
+
 def leftovers(token: str, *, kill: bool = False) -> list[int]:
     """Pids of processes started by the swarm whose ``SWARM_ENV`` is ``token`` (peers, hivemind workers, p2pd).
 
@@ -446,12 +450,7 @@ def leftovers(token: str, *, kill: bool = False) -> list[int]:
         except psutil.Error:  # gone, a zombie, or another user's process
             pass
     if kill:
-        for p in found:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(found, timeout=5)
+        _kill(found)
     return [p.pid for p in found]
 
 
