@@ -32,7 +32,6 @@ class Started:
     name: str
     peer_id: str
     join_line: str
-    addresses: list[str]
     new_swarm: bool
 
 
@@ -59,7 +58,7 @@ def load_identity(settings: Settings, default_name: str = "identity.key") -> Ide
 def run_join(settings: Settings, *, on_started: Callable[[Started], None],
              on_status: Callable[[Callable[[], LocalStatus]], None] | None = None) -> Finished:
     """Join (or start) a swarm and train until ``max_epochs`` or a stop signal."""
-    from p2ptrain.swarm import join_line, start_dht, visible_addresses
+    from p2ptrain.swarm import join_line, start_dht
     from p2ptrain.tasks import load_task
     from p2ptrain.trainer import Trainer
 
@@ -80,7 +79,7 @@ def run_join(settings: Settings, *, on_started: Callable[[Started], None],
         trainer = None
         try:
             on_started(Started(identity.name, identity.peer_id, join_line(dht, settings.run_id),
-                               visible_addresses(dht), new_swarm=not settings.initial_peers))
+                               new_swarm=not settings.initial_peers))
             bookkeeper = None if settings.auxiliary else Bookkeeper(
                 identity, settings.run_id, ledger, dht, batch_size=settings.batch_size or task.batch_size)
             trainer = Trainer(settings, task, identity, dht, checkpoint_dir=checkpoint_dir, bookkeeper=bookkeeper)
@@ -108,7 +107,7 @@ def run_join(settings: Settings, *, on_started: Callable[[Started], None],
 
 def run_bootstrap(settings: Settings, *, on_started: Callable[[Started], None]) -> None:
     """A DHT-only peer with a stable address; serves until SIGINT/SIGTERM."""
-    from p2ptrain.swarm import join_line, start_dht, visible_addresses
+    from p2ptrain.swarm import join_line, start_dht
 
     identity = load_identity(settings, default_name="bootstrap.key")
     stop = threading.Event()
@@ -118,7 +117,7 @@ def run_bootstrap(settings: Settings, *, on_started: Callable[[Started], None]) 
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, lambda *_: stop.set())
             on_started(Started(identity.name, identity.peer_id, join_line(dht, settings.run_id),
-                               visible_addresses(dht), new_swarm=not settings.initial_peers))
+                               new_swarm=not settings.initial_peers))
             started = time.time()
             heartbeat = Heartbeat(dht, settings.run_id, identity.public_key.hex(), lambda: PeerReport(
                 peer_id=identity.peer_id, name=identity.name, role="bootstrap", client_mode=dht.client_mode,

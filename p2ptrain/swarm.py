@@ -38,18 +38,21 @@ def parse_initial_peers(addresses: Iterable[str]) -> list[str]:
     return checked
 
 
+def check_maddr(address: str, what: str, example: str) -> str:
+    try:
+        Multiaddr(address)
+    except Exception:
+        raise UserError(f"malformed {what} address {address!r}: expected e.g. {example}") from None
+    return address
+
+
 def host_maddrs(settings: Settings) -> list[str]:
     """Where to listen: ``--host-maddrs`` as given, else all interfaces on ``--port``.
 
     A fixed port is checked first, because p2pd only reports a bind failure as "daemon failed to start".
     """
     if settings.host_maddrs:
-        for address in settings.host_maddrs:
-            try:
-                Multiaddr(address)
-            except Exception:
-                raise UserError(f"malformed listen address {address!r}: expected e.g. /ip4/0.0.0.0/tcp/31337")
-        return list(settings.host_maddrs)
+        return [check_maddr(a, "listen", "/ip4/0.0.0.0/tcp/31337") for a in settings.host_maddrs]
     if settings.client_mode:
         return ["/ip4/127.0.0.1/tcp/0"]  # a client accepts no connections; don't open a public port
     if settings.port:
@@ -98,10 +101,7 @@ def start_dht(settings: Settings, identity: Identity | None, *, client_mode: boo
     client_mode = settings.client_mode if client_mode is None else client_mode
     listen = host_maddrs(settings)
     for address in settings.announce_maddrs:
-        try:
-            Multiaddr(address)
-        except Exception:
-            raise UserError(f"malformed announce address {address!r}: expected e.g. /ip4/203.0.113.5/tcp/31337")
+        check_maddr(address, "announce", "/ip4/203.0.113.5/tcp/31337")
     if initial_peers and identity is not None:
         check_identity_free(identity, initial_peers)
 
