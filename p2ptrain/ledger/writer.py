@@ -175,7 +175,9 @@ class LedgerWriter:
         if received:
             self.ledger.add_verified(received)
         for problem in problems:
-            logger.warning(f"groupmate claim: {problem.describe()}")
+            # hivemind lets a peer one epoch behind tag along in a round: expected, not a warning
+            level = logging.DEBUG if problem.code == "wrong_epoch" else logging.WARNING
+            logger.log(level, f"groupmate claim: {problem.describe()}")
         return GroupCheck(members=members, claims=claims, problems=problems)
 
     def _read_payload(self, payload: Any, sender: bytes | None,
