@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -87,6 +88,8 @@ def run_join(settings: Settings, *, on_started: Callable[[Started], None],
                 trainer.resume()
             heartbeat = Heartbeat(dht, settings.run_id, identity.public_key.hex(), trainer.report)
             heartbeat.start()
+            threading.Thread(target=_watchdog, args=(dht, trainer.stop_requested), daemon=True,
+                             name="p2ptrain-watchdog").start()
             if on_status:
                 on_status(trainer.status)
             try:
@@ -102,7 +105,32 @@ def run_join(settings: Settings, *, on_started: Callable[[Started], None],
                 trainer.shutdown()
             t1 = time.monotonic()
             dht.shutdown()
+            _left.set()
             logger.info(f"left the swarm (averagers {t1 - t0:.1f}s, DHT {time.monotonic() - t1:.1f}s)")
+
+
+STOP_GRACE = 60.0  # seconds a stopping peer may take to leave before it is forced out
+
+
+def _watchdog(dht, stop_requested: threading.Event) -> None:
+    """Make sure a stopping peer really exits.
+
+    hivemind blocks for ever on a lock if its DHT process dies (the progress tracker waits on a DHT
+    request that never returns, holding the lock the optimizer needs), and no signal handler can
+    reach a thread stuck there. The periodic checkpoints are on disk; exit non-zero and say why.
+    """
+    while not stop_requested.wait(1.0):
+        if not dht.is_alive():
+            logger.error("the peer's DHT process died: leaving")
+            stop_requested.set()
+    if not _left.wait(STOP_GRACE):
+        logger.error(f"leaving is stuck in hivemind after {STOP_GRACE:.0f}s (its DHT process may have died): "
+                     f"forcing exit; the last periodic checkpoint is kept")
+        logging.shutdown()
+        os._exit(1)
+
+
+_left = threading.Event()  # set once run_join has released everything
 
 
 def run_bootstrap(settings: Settings, *, on_started: Callable[[Started], None]) -> None:

@@ -55,7 +55,11 @@ def parse_report(value: Any) -> PeerReport | None:
 
 def read_reports(dht: hivemind.DHT, run_id: str) -> list[PeerReport]:
     """Every live peer's latest report (malformed records are skipped)."""
-    found = dht.get(presence_key(run_id), latest=True)
+    try:
+        found = dht.get(presence_key(run_id), latest=True, return_future=True).result(timeout=TTL)
+    except Exception as e:  # a slow or dead DHT: no reports this time
+        logger.debug(f"heartbeats not read: {e!r}")
+        return []
     if found is None or not isinstance(found.value, dict):
         return []
     reports = []
@@ -75,8 +79,9 @@ class Heartbeat(threading.Thread):
 
     def publish(self, report: PeerReport) -> bool:
         try:
-            return bool(self.dht.store(presence_key(self.run_id), subkey=self.subkey,
-                                       value=dataclasses.asdict(report), expiration_time=get_dht_time() + TTL))
+            # a future with a timeout: if the DHT process died, a plain store would block for ever
+            return bool(self.dht.store(presence_key(self.run_id), subkey=self.subkey, value=dataclasses.asdict(report),
+                                       expiration_time=get_dht_time() + TTL, return_future=True).result(timeout=TTL))
         except Exception as e:  # the DHT may be shutting down; a missed heartbeat is harmless
             logger.debug(f"heartbeat not stored: {e!r}")
             return False

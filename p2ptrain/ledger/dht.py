@@ -27,6 +27,9 @@ MARKER = b"[ed25519:"  # hivemind's RSA validator uses "[owner:...]"; this one i
 SUBKEY_RE = re.compile(r"\[ed25519:([0-9a-f]{64})\](claim|receipt):(0|[1-9][0-9]{0,18})")
 
 
+RESULT_TIMEOUT = 15.0  # seconds to wait for one DHT store or get
+
+
 def ledger_key(run_id: str, epoch: int) -> str:
     return f"{run_id}_ledger_{epoch}"
 
@@ -150,7 +153,7 @@ def publish(dht: Any, records: Iterable[Record], *, ttl: float = DEFAULT_TTL) ->
     expiration = get_dht_time() + ttl
     futures = [dht.store(ledger_key(r.run_id, r.epoch), r.to_wire(), expiration, subkey=subkey_of(r),
                          return_future=True) for r in records]
-    return sum(1 for future in futures if future.result())
+    return sum(1 for future in futures if _result(future))
 
 
 def fetch(dht: Any, run_id: str, epochs: Iterable[int], *, latest: bool = True) -> list[Record]:
@@ -158,7 +161,7 @@ def fetch(dht: Any, run_id: str, epochs: Iterable[int], *, latest: bool = True) 
     futures = [(epoch, dht.get(ledger_key(run_id, epoch), latest=latest, return_future=True)) for epoch in epochs]
     records = []
     for epoch, future in futures:
-        found = future.result()
+        found = _result(future)
         if found is None or not isinstance(found.value, dict):
             continue
         for subkey, item in found.value.items():
@@ -166,6 +169,15 @@ def fetch(dht: Any, run_id: str, epochs: Iterable[int], *, latest: bool = True) 
             if record is not None and record.run_id == run_id and record.epoch == epoch:
                 records.append(record)
     return records
+
+
+def _result(future: Any, timeout: float = RESULT_TIMEOUT) -> Any:
+    """A DHT future's result, or None after ``timeout``: if the DHT process died, it would never resolve."""
+    try:
+        return future.result(timeout=timeout)
+    except Exception as e:
+        logger.debug(f"DHT request failed: {e!r}")
+        return None
 
 
 def sync(dht: Any, ledger: Ledger, run_id: str, epochs: Iterable[int]) -> int:
