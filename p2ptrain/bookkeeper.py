@@ -19,7 +19,7 @@ from p2ptrain.ledger.audit import verify
 from p2ptrain.ledger.dht import fetch, publish
 from p2ptrain.ledger.records import Claim, Record
 from p2ptrain.ledger.store import Ledger
-from p2ptrain.ledger.writer import LedgerWriter, tensor_digest
+from p2ptrain.ledger.writer import LedgerWriter, public_key_of_peer_id, tensor_digest
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +75,10 @@ class Bookkeeper:
         self._outbox.put(self._claim)
         return LedgerWriter.gather_payload(self._claim, samples)
 
-    def close_round(self, epoch: int, gathered: Mapping[Any, Any] | None, result: Sequence[torch.Tensor]) -> None:
-        """Check groupmates' claims and co-sign the round (a receipt of one when no group formed)."""
+    def close_round(self, epoch: int, gathered: Mapping[Any, Any] | None, result: Sequence[torch.Tensor], *,
+                    rejected: Mapping[Any, str] = {}) -> None:
+        """Check groupmates' claims and co-sign the round (a receipt of one when no group formed), naming
+        the groupmates whose parts were ``rejected`` ({peer id: reason})."""
         if self._claim is None:
             return  # nothing claimed this epoch (e.g. the round began before the first step)
         weight = self._claim.samples
@@ -86,7 +88,8 @@ class Bookkeeper:
             # the receipt lists the members whose valid claim is for this epoch: a groupmate one epoch
             # behind (hivemind lets it tag along) co-signs its own epoch's receipt, so both verify
             members.update({key: w for key, w in check.members.items() if key in check.claims})
-        self._outbox.put(self.writer.cosign(epoch, members, tensor_digest(result)))
+        rejected_keys = [key for key in map(public_key_of_peer_id, rejected) if key is not None]
+        self._outbox.put(self.writer.cosign(epoch, members, tensor_digest(result), rejected=rejected_keys))
         self._epochs_seen.add(epoch)
         self._claim = None
 

@@ -27,6 +27,7 @@ class Settings:
     auxiliary: bool = False  # help with averaging, compute no gradients
     join_timeout: float = 60.0  # seconds to keep retrying unreachable initial peers
     min_peers: int = 1  # wait until this many training peers are in the swarm before the first step
+    allowlist: Path | None = None  # a closed run: the owner-signed list of keys allowed in it (allowlist.py)
 
     # --- training
     task: str = "digits-mlp"
@@ -41,6 +42,10 @@ class Settings:
     resume: bool = False  # continue from the checkpoint in checkpoint_dir
     ledger: Path | None = None  # default: <run dir>/ledger.sqlite
     delay_updates: bool | None = None  # overlap averaging with the next epoch's compute (default: the task's)
+    local_updates: bool | None = None  # step locally every batch, average pseudo-gradients per epoch (default: the task's)
+    compression: str = "none"  # what averaging sends: none (float32), fp16, 8bit
+    aggregation: str = "mean"  # how a round combines peers' parts: mean, or centered-clip against Byzantine peers
+    stop_at_accuracy: float | None = None  # leave once the full test set's accuracy reaches this (benchmarks)
     matchmaking_time: float = 1.0  # seconds to gather an averaging group
     averaging_timeout: float = 5.0  # give up on a round after this long: a peer that misses one moves on
     torch_threads: int = 1  # one thread per peer keeps several peers on one machine from fighting
@@ -50,6 +55,8 @@ class Settings:
                 for v in [getattr(self, f.name)]}
 
 
+COMPRESSIONS = ("none", "fp16", "8bit")
+AGGREGATIONS = ("mean", "centered-clip")
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
@@ -117,5 +124,13 @@ def validate(s: Settings) -> None:
         raise UserError(f"--lr must be positive, got {s.lr}")
     if s.join_timeout <= 0:
         raise UserError(f"--join-timeout must be positive, got {s.join_timeout}")
+    for name, choices in (("compression", COMPRESSIONS), ("aggregation", AGGREGATIONS)):
+        if getattr(s, name) not in choices:
+            raise UserError(f"--{name} must be one of {', '.join(choices)}, got {getattr(s, name)!r}")
+    if s.local_updates and s.delay_updates:
+        raise UserError("--local-updates and --delay-updates cannot be combined: a delayed outer step would "
+                        "overwrite the local steps taken meanwhile")
+    if s.stop_at_accuracy is not None and not 0 < s.stop_at_accuracy <= 1:
+        raise UserError(f"--stop-at-accuracy must be in (0, 1], got {s.stop_at_accuracy}")
     if not s.run_id or not s.run_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise UserError(f"--run-id may hold only letters, digits, '-', '_' and '.', got {s.run_id!r}")

@@ -21,17 +21,20 @@ import torch
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.utils.crypto import RSAPrivateKey
 
+from p2ptrain import compression
 from p2ptrain.bookkeeper import Bookkeeper
 from p2ptrain.config import Settings
 from p2ptrain.errors import UserError
 from p2ptrain.identity import Identity
 from p2ptrain.presence import TTL, read_reports
+from p2ptrain.robust import RobustAveraging
 from p2ptrain.snapshot import LocalStatus, PeerReport
 from p2ptrain.tasks import Task
 
 logger = logging.getLogger(__name__)
 HELDOUT = 512  # test examples behind the per-epoch held-out loss
 ROUTINE = {"routine": True}  # per-epoch lines: the live status line replaces them on a terminal
+OUTER_LR = 1.0  # --local-updates: the outer step lands exactly on the average of the peers' weights
 
 
 @dataclass
@@ -44,18 +47,26 @@ class Stats:
     training_seconds: float = 0.0  # wall time from the first step to leaving (utilisation = compute / this)
     rounds: int = 0  # global epochs this peer took part in
     rounds_averaged: int = 0  # ... of which its gradients were averaged with at least one other peer
+    rejected_parts: int = 0  # groupmates' parts this peer's reducer refused (NaN/Inf, absurd norm)
     last_group_size: int = 0
     last_loss: float | None = None
     rollbacks: int = 0
     state_downloads: int = 0
     ledger_clean: bool | None = None  # did this peer's ledger verify clean when it left?
+    eval_seconds: float = 0.0  # spent on --stop-at-accuracy checks; left out of training_seconds
+    time_to_accuracy: float | None = None  # training seconds until --stop-at-accuracy was reached
     stage: str = "starting"
 
 
-class GatheringGradientAverager(GradientAverager):
-    """A gradient averager whose rounds carry ``self.gather`` (this epoch's signed claim) to groupmates."""
+class GatheringGradientAverager(RobustAveraging, GradientAverager):
+    """A gradient averager whose rounds carry ``self.gather`` (this epoch's signed claim) to groupmates
+    and screen and combine the parts they receive as ``aggregation`` says (see robust.py)."""
 
     gather: Any = None
+
+    def __init__(self, *args, aggregation: str = "mean", **kwargs):
+        self.aggregation = aggregation  # before hivemind starts the averager's process, which copies it
+        super().__init__(*args, **kwargs)
 
     def step(self, control=None, **kwargs):
         if control is None and self.gather is not None:
@@ -66,21 +77,48 @@ class GatheringGradientAverager(GradientAverager):
 class SwarmOptimizer(hivemind.Optimizer):
     """``hivemind.Optimizer`` that signs a claim before each round and co-signs the round after it.
 
+    With ``local_updates`` the trainer steps its own inner optimizer on every batch; this optimizer only
+    counts samples, and at the end of the epoch averages the pseudo-gradient ``start - current weights``
+    through the same rounds (claims, robust aggregation, compression and all) and applies it with the
+    outer optimizer: DiLoCo's outer step (Douillard et al., 2023).
+
     Args:
         bookkeeper: the peer's ledger side; None for auxiliary peers, which claim nothing.
-        on_round: called with the size of each finished round's group (0: the peer averaged alone).
+        on_round: called with the size of each finished round's group (0: the peer averaged alone) and the
+            groupmates whose parts were rejected.
+        local_updates: average pseudo-gradients of local steps instead of accumulated gradients.
     """
 
-    def __init__(self, *, bookkeeper: Bookkeeper | None, on_round: Callable[[int], None], **kwargs):
-        self.bookkeeper, self._on_round = bookkeeper, on_round
+    def __init__(self, *, bookkeeper: Bookkeeper | None, on_round: Callable[[int, dict], None],
+                 local_updates: bool = False, **kwargs):
+        self.bookkeeper, self._on_round, self.local_updates = bookkeeper, on_round, local_updates
         self.in_round = False
         self._round_epoch = 0
         super().__init__(**kwargs)
+
+    def _check_and_accumulate_gradients(self, batch_size: int, grad_scaler) -> bool:
+        if not self.local_updates:
+            return super()._check_and_accumulate_gradients(batch_size, grad_scaler)
+        # the inner optimizer already used this batch's gradients: count its samples, accumulate nothing
+        self.grad_averager.local_samples_accumulated += batch_size
+        self.grad_averager.local_times_accumulated = 1
+        self.tracker.report_local_progress(self.local_epoch, self.grad_averager.local_samples_accumulated)
+        return True
+
+    @torch.no_grad()
+    def _load_pseudo_gradients(self) -> None:
+        """Accumulators := weights at the epoch's start (the offloaded copy, untouched since) - weights now."""
+        start = [p for group in self.state_averager.optimizer.param_groups for p in group["params"]]
+        for accumulator, begin, now in zip(self.grad_averager._grad_accumulators(), start,
+                                           self.state_averager.main_parameters):
+            torch.sub(begin, now, out=accumulator)
 
     def _update_global_epoch(self, grad_scaler) -> None:
         self.in_round = True  # read by the status line
         self._round_epoch = self.local_epoch
         try:
+            if self.local_updates and not self.auxiliary:
+                self._load_pseudo_gradients()
             if self.bookkeeper is not None and not self.auxiliary:
                 with torch.no_grad():  # hivemind keeps the accumulated local gradients in these buffers
                     accumulated = list(self.grad_averager._grad_accumulators())
@@ -101,10 +139,11 @@ class SwarmOptimizer(hivemind.Optimizer):
             gathered = None
         if not gathered:
             self._load_local_gradients_into_optimizer()
+        rejected = getattr(gathered, "rejected", {})
         if self.bookkeeper is not None and not self.auxiliary:
             with self.grad_averager.get_tensors() as result:  # what this peer's optimizer step will use
-                self.bookkeeper.close_round(self._round_epoch, gathered, result)
-        self._on_round(len(gathered) if gathered else 0)
+                self.bookkeeper.close_round(self._round_epoch, gathered, result, rejected=rejected)
+        self._on_round(len(gathered) if gathered else 0, rejected)
 
     def _maybe_schedule_gradient_averaging(self) -> None:
         """Trainers never pre-schedule: a round starts when the epoch ends, so what it gathers is final.
@@ -150,19 +189,29 @@ class Trainer:
         self.batch_size = settings.batch_size or task.batch_size
         self.max_epochs = settings.max_epochs or task.max_epochs
         self.delay_updates = task.delay_updates if settings.delay_updates is None else settings.delay_updates
+        self.local_updates = task.local_updates if settings.local_updates is None else settings.local_updates
+        if self.local_updates and self.delay_updates:
+            raise UserError(f"task {task.name} delays updates by default, which local updates cannot use: "
+                            f"pass --no-delay-updates with --local-updates")
 
         torch.set_num_threads(settings.torch_threads)
         torch.manual_seed(settings.seed)  # every peer starts from the same weights
         self.model = task.make_model()
         lr = settings.lr or task.lr
         self.bookkeeper = bookkeeper
+        # local updates: the task's optimizer steps locally; the swarm's (outer) step is plain SGD with lr 1,
+        # i.e. every peer moves to the (robust) average of the peers' weights at the end of each epoch
+        self.inner = task.make_optimizer(self.model.parameters(), lr) if self.local_updates else None
+        outer = (lambda params: torch.optim.SGD(params, lr=OUTER_LR)) if self.local_updates else \
+            (lambda params: task.make_optimizer(params, lr))
         self.opt = SwarmOptimizer(
             bookkeeper=None if settings.auxiliary else bookkeeper,
             on_round=self._record_round,
+            local_updates=self.local_updates,
             dht=dht,
             run_id=settings.run_id,
             params=self.model.parameters(),
-            optimizer=lambda params: task.make_optimizer(params, lr),
+            optimizer=outer,
             target_batch_size=settings.target_batch_size or task.target_batch_size,
             batch_size_per_step=None if settings.auxiliary else self.batch_size,
             matchmaking_time=settings.matchmaking_time,
@@ -177,7 +226,10 @@ class Trainer:
             tracker_opts=dict(private_key=RSAPrivateKey(), min_refresh_period=0.25, default_refresh_period=1.0),
             # a request timeout below the matchmaking time avoids matchmaking deadlocks (hivemind warns otherwise)
             averager_opts=dict(request_timeout=settings.matchmaking_time / 2),
-            grad_averager_factory=partial(GatheringGradientAverager, request_timeout=settings.matchmaking_time / 2),
+            grad_averager_factory=partial(GatheringGradientAverager, request_timeout=settings.matchmaking_time / 2,
+                                          aggregation=settings.aggregation),
+            grad_compression=compression.GRADIENTS[settings.compression],
+            state_averaging_compression=compression.STATE[settings.compression],
         )
         self._last_good = self._snapshot()
         self._install_signal_handlers()  # after the averagers: they set SIGINT to SIG_IGN when they start
@@ -285,6 +337,8 @@ class Trainer:
                 continue
             if self.bookkeeper is not None:
                 self.bookkeeper.note_step(seconds, loss.item())  # before opt.step(): it may end the epoch
+            if self.inner is not None:
+                self.inner.step()
             epoch_before = self.opt.local_epoch
             self.opt.step()
             self.opt.zero_grad()
@@ -328,7 +382,7 @@ class Trainer:
         self.stats.stage = "leaving"
         self.opt.state_averager.step(wait_for_delayed_updates=True)
         if self._training_started is not None:
-            self.stats.training_seconds = time.monotonic() - self._training_started
+            self.stats.training_seconds = self._elapsed_training()
         if not self._weights_finite():
             self._restore(self._last_good)
         self.save_checkpoint()
@@ -340,9 +394,10 @@ class Trainer:
 
     # --- per-epoch bookkeeping ----------------------------------------------------------------
 
-    def _record_round(self, group_size: int) -> None:
+    def _record_round(self, group_size: int, rejected: dict) -> None:
         self.stats.rounds += 1
         self.stats.last_group_size = group_size
+        self.stats.rejected_parts += len(rejected)
         if group_size > 1:
             self.stats.rounds_averaged += 1
 
@@ -355,9 +410,28 @@ class Trainer:
             self._last_good = self._snapshot()
         else:
             self._roll_back("weights became non-finite")
+        if self.settings.stop_at_accuracy is not None:
+            self._check_accuracy(self.settings.stop_at_accuracy)
         every = self.settings.checkpoint_every
         if epoch % every == 0 and epoch < self.max_epochs:  # the last one is written by finish()
             self.save_checkpoint()
+
+    def _check_accuracy(self, target: float) -> None:
+        from p2ptrain.metrics import evaluate
+
+        begin = time.monotonic()
+        accuracy = evaluate(self.model, self.task).accuracy
+        self.stats.eval_seconds += time.monotonic() - begin
+        logger.info(f"epoch {self.opt.local_epoch}: test accuracy {accuracy:.4f}", extra=ROUTINE)
+        if accuracy >= target and self.stats.time_to_accuracy is None:
+            self.stats.time_to_accuracy = round(self._elapsed_training(), 3)
+            logger.info(f"test accuracy {accuracy:.4f} reached --stop-at-accuracy {target:g} after "
+                        f"{self.stats.time_to_accuracy:.1f} s of training: leaving")
+            self.stop_requested.set()
+
+    def _elapsed_training(self) -> float:
+        """Wall seconds since the first step, less the time spent checking accuracy."""
+        return time.monotonic() - self._training_started - self.stats.eval_seconds
 
     def _refresh_stats(self, losses: list[float]) -> None:
         if losses:
@@ -381,12 +455,15 @@ class Trainer:
 
     def _snapshot(self) -> dict:
         return {"epoch": self.opt.local_epoch, "model": copy.deepcopy(self.model.state_dict()),
-                "optimizer": copy.deepcopy(self.opt.opt.state_dict())}
+                "optimizer": copy.deepcopy(self.opt.opt.state_dict()),
+                "inner": copy.deepcopy(self.inner.state_dict()) if self.inner is not None else None}
 
     def _restore(self, snapshot: dict) -> None:
         with torch.no_grad():
             self.model.load_state_dict(snapshot["model"])
             self.opt.opt.load_state_dict(snapshot["optimizer"])
+            if self.inner is not None:
+                self.inner.load_state_dict(snapshot["inner"])
         self._restore_offloaded_from_model()
 
     # --- checkpoints --------------------------------------------------------------------------

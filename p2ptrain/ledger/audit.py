@@ -31,6 +31,7 @@ PROBLEM_CODES = {
     "claim_exceeds_weight": "a claim's samples exceed the weight its group used in the all-reduce",
     "claim_without_receipt": "a claim has no receipt of an averaging round",
     "missing_cosignature": "a group member did not co-sign its round's receipt",
+    "rejected_part": "a groupmate refused this peer's averaging part (NaN/Inf or an absurd norm)",
     "unreadable_claim": "a groupmate sent something that is not a valid claim",
     "wrong_peer": "a claim arrived from a peer other than its signer",
     "wrong_epoch": "a claim is for another epoch than the current round",
@@ -217,6 +218,11 @@ def _check_receipts(receipts: Sequence[Receipt], where_of: dict[str, str | None]
                 f"member {readable_name(member)} ({len(receipt.signatures)}/{len(first.members)} signed)",
                 first, where_of.get(first.hash), peer=member))
         for signature in receipt.signatures:
+            for key in signature.rejected:
+                problems.append(problem_about(
+                    "rejected_part", f"{readable_name(signature.public_key)} refused this peer's part in the round of "
+                    f"epoch {signature.epoch} (group {signature.group_id[:12]})", signature,
+                    where_of.get(signature.hash), peer=key))
             earlier = rounds_signed.setdefault((signature.public_key, signature.epoch), signature)
             if earlier.receipt_id != signature.receipt_id:
                 problems.append(problem_about("double_receipt", f"co-signed two different rounds in epoch "

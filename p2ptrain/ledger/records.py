@@ -294,6 +294,8 @@ class ReceiptSignature(_Signed):
     must agree on; ``result_digest`` is this member's own digest of the averaged result. It is signed but
     kept out of the shared body because hivemind's all-reduce hands each member ``local + (avg - local)``
     (and compressed parts from the other reducers), so averaged bytes differ in the last bits per member.
+    ``rejected`` (also the member's own) lists groupmates whose parts this member's reducer refused (NaN/Inf,
+    absurd norm); it appears in the encoding only when non-empty, so older records keep their bytes.
     """
 
     kind: ClassVar[str] = "receipt"
@@ -307,6 +309,7 @@ class ReceiptSignature(_Signed):
     group_id: str
     members: tuple[tuple[bytes, int], ...]
     result_digest: str
+    rejected: tuple[bytes, ...] = ()
     signature: bytes = b""
     version: int = SCHEMA_VERSION
 
@@ -327,6 +330,12 @@ class ReceiptSignature(_Signed):
             previous = key
             _check_int("member weight", weight)
         _require(self.public_key in self.weights, "the signer of a receipt must be one of its members")
+        _require(type(self.rejected) is tuple, "rejected must be a list of public keys")
+        previous = b""
+        for key in self.rejected:
+            _check_key("rejected public key", key)
+            _require(key > previous, "rejected must list sorted, distinct public keys")
+            previous = key
 
     @cached_property
     def weights(self) -> dict[bytes, int]:
@@ -350,8 +359,11 @@ class ReceiptSignature(_Signed):
         return h.hexdigest()
 
     def body(self) -> dict[str, Any]:
-        return {**self.shared_body(), "kind": self.kind, "public_key": self.public_key.hex(), "seq": self.seq,
+        body = {**self.shared_body(), "kind": self.kind, "public_key": self.public_key.hex(), "seq": self.seq,
                 "prev_hash": self.prev_hash, "timestamp": self.timestamp, "result_digest": self.result_digest}
+        if self.rejected:
+            body["rejected"] = [key.hex() for key in self.rejected]
+        return body
 
 
 Record = Union[Claim, ReceiptSignature]
@@ -462,7 +474,7 @@ def from_json(data: str | bytes | Mapping[str, Any]) -> Record:
     fields = {"claim": _CLAIM_FIELDS, "receipt": _RECEIPT_FIELDS}.get(kind)  # type: ignore[arg-type]
     if fields is None:
         raise RecordError(f"unknown record kind {kind!r}")
-    keys = obj.keys()
+    keys = obj.keys() - ({"rejected"} if kind == "receipt" else set())  # optional: written only when non-empty
     if keys != fields:
         extra, missing = sorted(keys - fields), sorted(fields - keys)
         raise RecordError(f"{kind} record has " + "; ".join(
@@ -484,7 +496,11 @@ def from_json(data: str | bytes | Mapping[str, Any]) -> Record:
         for item in members:
             _require(type(item) is list and len(item) == 2, "members must be a list of [public key, weight] pairs")
             parsed.append((_hex_bytes("member public key", item[0], 32), item[1]))
+        rejected = obj.get("rejected", [])
+        _require(type(rejected) is list and len(rejected) > 0 or "rejected" not in obj,
+                 "rejected must be a non-empty list of public keys when present")
         return ReceiptSignature(**common, group_id=obj["group_id"], members=tuple(parsed),
-                                result_digest=obj["result_digest"])
+                                result_digest=obj["result_digest"],
+                                rejected=tuple(_hex_bytes("rejected public key", key, 32) for key in rejected))
     except TypeError as e:  # e.g. an unhashable value where a name was expected
         raise RecordError(f"malformed {kind} record ({e})") from None

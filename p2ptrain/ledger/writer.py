@@ -218,7 +218,7 @@ class LedgerWriter:
         return claim, announced, None
 
     def cosign(self, epoch: int, members: Mapping[bytes, float], result_digest: str,
-               group_id: bytes | str | None = None) -> ReceiptSignature:
+               group_id: bytes | str | None = None, rejected: Sequence[bytes] = ()) -> ReceiptSignature:
         """Sign, append and return this peer's co-signature of the round, right after the all-reduce.
 
         Args:
@@ -227,6 +227,7 @@ class LedgerWriter:
                 peer must be one of them. All members must pass the same mapping to sign the same receipt.
             result_digest: :func:`tensor_digest` of this peer's averaged result.
             group_id: hivemind's group id if the caller has it; by default one derived from the members.
+            rejected: public keys of groupmates whose parts this peer's reducer refused (see robust.py).
         """
         if self.public_key not in members:
             raise ValueError("cosign: this peer is not among the members of the round")
@@ -242,7 +243,8 @@ class LedgerWriter:
         with self._lock:
             record = ReceiptSignature(run_id=self.run_id, public_key=self.public_key, seq=self._seq,
                                       prev_hash=self._prev_hash, timestamp=float(self._clock()), epoch=epoch,
-                                      group_id=group_id, members=tuple(weights), result_digest=result_digest)
+                                      group_id=group_id, members=tuple(weights), result_digest=result_digest,
+                                      rejected=tuple(sorted(set(map(bytes, rejected)))))
             return self._append(record)
 
     def _append(self, record: Record) -> Any:

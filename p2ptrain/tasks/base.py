@@ -34,6 +34,7 @@ class Task:
     lr: float = 1e-3
     max_epochs: int = 20
     delay_updates: bool = False  # worth it only when an epoch's compute is comparable to an averaging round
+    local_updates: bool = False  # step on every batch, average the epoch's change (see trainer.SwarmOptimizer)
     loss: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
     make_optimizer: Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer] = adam
     prepare: Callable[[Tensor], Tensor] = field(default=lambda x: x)
