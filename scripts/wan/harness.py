@@ -122,6 +122,12 @@ def _die_with_parent() -> None:
 
 def kill_namespace(ns: str) -> None:
     """SIGKILL every process inside ``ns``, wait until they are gone, then delete it."""
+    kill_processes(ns)
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def kill_processes(ns: str) -> None:
+    """SIGKILL every process inside ``ns`` and wait (up to 5 s) until they are gone."""
     for _ in range(50):
         try:
             pids = [int(p) for p in sh("ip", "netns", "pids", ns).split()]
@@ -135,7 +141,6 @@ def kill_namespace(ns: str) -> None:
             except ProcessLookupError:
                 pass
         time.sleep(0.1)
-    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 def cleanup_stale() -> list[str]:
@@ -162,6 +167,7 @@ class Topology:
         self.peers = [f"{PREFIX}{self.token}-peer{i}" for i in range(peers)]
         self.procs: list[subprocess.Popen] = []
         self._up = False
+        self._sigterm = None  # the SIGTERM handler to restore at teardown
 
     def address(self, i: int) -> str:
         return f"10.77.{i + 1}.2"
@@ -169,7 +175,11 @@ class Topology:
     # -- lifecycle
 
     def __enter__(self) -> Topology:
-        self.up()
+        try:
+            self.up()
+        except BaseException:
+            self.down()  # half a topology: __exit__ is not called when __enter__ raises
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -181,7 +191,7 @@ class Topology:
             raise WanError("--peers must be between 2 and 250")
         self._up = True
         atexit.register(self.down)
-        _raise_on_sigterm()
+        self._sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
         self._router()
         for i in range(self.n):
             self._peer(i)
@@ -200,8 +210,16 @@ class Topology:
                     proc.kill()
                 proc.wait()
             self._up = False
+            signal.signal(signal.SIGTERM, self._sigterm)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def sweep(self) -> None:
+        """Kill every process in the peer namespaces, leaving the links up: between two runs."""
+        for ns in self.peers:
+            kill_processes(ns)
+        for proc in self.procs:
+            proc.poll()  # reap
 
     def _router(self) -> None:
         r = self.router
@@ -262,11 +280,8 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that the same cleanup paths run."""
 
 
-def _raise_on_sigterm() -> None:
-    def handler(signum, frame):
-        raise _Terminated()
-
-    signal.signal(signal.SIGTERM, handler)
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
 
 
 # ---- self-check ----------------------------------------------------------------------------------------
@@ -309,12 +324,16 @@ def selfcheck(topo: Topology, *, pings: int = 50, seconds: float = 10.0, warmup:
     probe = [sys.executable, str(HERE / "probe.py")]
     server = topo.popen(1, [*probe, "serve", "--bind", topo.address(1), "--port", str(PROBE_PORT)],
                         stdout=subprocess.PIPE, text=True)
-    if server.stdout.readline().strip() != "ready":
-        raise WanError("the probe server did not start")
-    target = ["--to", topo.address(1), "--port", str(PROBE_PORT)]
-    rtts = _probe(topo, [*probe, "ping", *target, "--count", str(pings + 1)])["rtt_ms"][1:]  # first: cold caches
-    bulk = _probe(topo, [*probe, "bulk", *target, "--seconds", str(seconds), "--warmup", str(warmup)],
-                  timeout=seconds + warmup + 30)
+    try:
+        if server.stdout.readline().strip() != "ready":
+            raise WanError("the probe server did not start")
+        target = ["--to", topo.address(1), "--port", str(PROBE_PORT)]
+        rtts = _probe(topo, [*probe, "ping", *target, "--count", str(pings + 1)])["rtt_ms"][1:]  # first: cold
+        bulk = _probe(topo, [*probe, "bulk", *target, "--seconds", str(seconds), "--warmup", str(warmup)],
+                      timeout=seconds + warmup + 30)
+    finally:
+        server.kill()  # the links are free for whatever runs next
+        server.wait()
     mss = topo.link.mtu - 52
     return SelfCheck(rtt_ms_setting=topo.link.rtt_ms, rtt_ms_median=statistics.median(rtts), rtt_ms_min=min(rtts),
                      rtt_ms_max=max(rtts), rate_mbit_setting=topo.link.rate_mbit, goodput_mbit=bulk["mbit"],
