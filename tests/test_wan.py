@@ -27,19 +27,19 @@ UP_LINE = re.compile(r"topology (\S+) up")
 def namespaces_permitted():
     name = f"p2pw-test-{os.getpid()}"
     try:
-        done = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True, timeout=10)
+        done = subprocess.run(["ip", "netns", "add", name], check=False, capture_output=True, text=True, timeout=10)
     except FileNotFoundError:
         pytest.fail("the WAN harness tests need iproute2 (`ip`), which is not installed")
     if done.returncode != 0:
         pytest.fail(f"the WAN harness tests need root and network namespaces; `ip netns add` said: "
                     f"{done.stderr.strip()}")
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
 
 
 def leftovers(token: str) -> tuple[list[str], list[int]]:
     """Namespaces and processes that still belong to the run ``token``."""
-    spaces = [n for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
-              if n.startswith(f"p2pw-{token}-")]
+    listed = subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True).stdout.split()
+    spaces = [n for n in listed if n.startswith(f"p2pw-{token}-")]
     procs = []
     for p in psutil.process_iter(["pid"]):
         try:
@@ -87,6 +87,6 @@ def test_cleanup_removes_what_a_killed_run_left():
     proc.kill()
     proc.wait()
     assert leftovers(token)[0], "a SIGKILLed harness cannot remove its namespaces itself"
-    done = subprocess.run([*HARNESS, "cleanup"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([*HARNESS, "cleanup"], check=False, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert leftovers(token) == ([], [])

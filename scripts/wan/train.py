@@ -14,13 +14,17 @@ swarm  a ``p2ptrain bootstrap`` and trainer 0 in peer namespace 0, trainer 1 in 
 ddp    ``scripts/bench/ddp_train.py``, rank i in peer namespace i, gloo over the same links (MASTER_ADDR is
        peer 0's address, GLOO_SOCKET_IFNAME its veth). ``--ddp-args`` adds flags. It is told to stop
        training after 0.75 * ``--time-limit`` - 30 s (its own clock, which leaves start-up and its test-set
-       checks out), so that it reports before the hard limit. Besides its own figures the record carries the communication lower bound the
-       link model puts on one step: bytes_per_step through RATE plus one RTT (a 2-rank ring all-reduce sends
-       and receives the gradient once per rank, in two latency-bound phases).
+       checks out), so that it reports before the hard limit. Besides its own figures the record carries
+       the communication lower bound the link model puts on one step: bytes_per_step through RATE plus one
+       RTT (a 2-rank ring all-reduce sends and receives the gradient once per rank, in two latency-bound
+       phases).
+
+Each record also has ``link_bytes``: what every peer sent and received through its link during the run.
 
 Every run is bounded by ``--time-limit`` wall seconds from its first process (swarm peers then get SIGINT
-and up to 30 s to print their summaries; DDP ranks still running 30 s later are killed). Results are merged into ``--out``: a run replaces an earlier one
-with the same kind, task, target, link and flags; others are kept, so a run per mode builds up one table.
+and up to 30 s to print their summaries; DDP ranks still running 30 s later are killed). Results are merged
+into ``--out``: a run replaces an earlier one with the same kind, task, target, link and flags; others are
+kept, so a run per mode builds up one table.
 """
 from __future__ import annotations
 
@@ -36,14 +40,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Link, Topology, WanError, add_link_args, link_from, selfcheck  # noqa: E402
+from harness import Link, Topology, WanError, add_link_args, link_from, selfcheck
 
 ROOT = Path(__file__).resolve().parents[2]
 DDP_SCRIPT = ROOT / "scripts" / "bench" / "ddp_train.py"
@@ -188,7 +192,7 @@ def run_ddp(topo: Topology, args: argparse.Namespace, work: Path, say) -> dict:
     env = {"WORLD_SIZE": "2", "MASTER_ADDR": topo.address(0), "MASTER_PORT": str(DDP_PORT),
            "GLOO_SOCKET_IFNAME": "eth0"}
     ranks = [Proc(topo, i, f"ddp-rank{i}", argv, work / "logs", {**env, "RANK": str(i)}) for i in range(2)]
-    progress = lambda: say(f"[{time.monotonic() - started:5.0f}s] ddp running")  # noqa: E731
+    progress = lambda: say(f"[{time.monotonic() - started:5.0f}s] ddp running")
     if not wait_all(ranks, started + args.time_limit + GRACE, progress):
         raise RunFailed(f"DDP did not finish within --time-limit {args.time_limit:g} s (log: {ranks[0].err})")
     result = ranks[0].summary()
@@ -273,15 +277,18 @@ def run_one(kind: str, topo: Topology, args: argparse.Namespace, join_flags: lis
     link = {"rtt_ms": topo.link.rtt_ms, "rate_mbit": topo.link.rate_mbit, "mtu": topo.link.mtu}
     head = {"key": json.dumps([kind, args.task, args.target, link, flags]), "kind": kind, "task": args.task,
             "target": args.target, "link": link, "flags": flags, "time_limit": args.time_limit,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "load_average": os.getloadavg()[0], "cpus": os.cpu_count()}
     say(f"{kind}: starting ({' '.join(flags) or 'default flags'})")
+    before = topo.traffic()
     try:
         body = run_swarm(topo, args, join_flags, work, say) if kind == "swarm" else run_ddp(topo, args, work, say)
     except RunFailed as e:
         say(f"[red]{kind} failed:[/] {e}")
         return {**head, "error": str(e)}
-    return {**head, **body}
+    # what actually crossed the emulated links: evidence that the run's traffic went through them
+    sent = [{way: after[way] - b[way] for way in after} for b, after in zip(before, topo.traffic())]
+    return {**head, **body, "link_bytes": sent}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -289,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     join_flags = argv[argv.index("--") + 1:] if "--" in argv else []
     args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     err = Console(stderr=True, highlight=False)
-    say = lambda text: err.print(text, soft_wrap=True)  # noqa: E731
+    say = lambda text: err.print(text, soft_wrap=True)
     work = Path(tempfile.mkdtemp(prefix="p2pw-train-"))
     (work / "logs").mkdir()
     runs: list[dict] = []
