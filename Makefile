@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python scripts/bench_swarm.py
+	$(BIN)/python scripts/bench/run_all.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

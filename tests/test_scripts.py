@@ -124,19 +124,3 @@ def test_log_lines_are_parsed() -> None:
     assert swarm.CHECKPOINT_LINE.search(line).groups() == ("40", "0.9722")
     line = "  p2ptrain join --initial-peers /ip4/127.0.0.1/tcp/4001/p2p/12D3KooWabc"
     assert swarm.JOIN_LINE.search(line).group(1) == "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWabc"
-
-
-def test_bench_measures_and_renders_a_result() -> None:
-    swarm, bench = _load("local_swarm"), _load("bench_swarm")
-    peers = tuple(swarm.PeerResult(name=f"peer-{i}", epoch=40, accuracy=0.97, rounds=40, rounds_averaged=averaged,
-                                   compute_seconds=2.0, steps=500, samples=16000, training_seconds=training)
-                  for i, (averaged, training) in enumerate([(40, 50.0), (30, None)]))
-    result = swarm.SwarmResult(task="digits-mlp", peers=peers, accuracy=0.97, wall_seconds=70.0, epochs=40)
-    measure = bench.CaseMeasure.of(result, load_before=1.5)
-    assert [p.averaged_share for p in measure.per_peer] == [1.0, 0.75]
-    assert [p.utilisation for p in measure.per_peer] == [0.04, None]
-    console = Console(file=io.StringIO(), width=200)
-    console.print(bench.Report((measure,)))
-    text = console.file.getvalue()
-    assert "100% 75%" in text and "4.0% n/a" in text and "800" in text  # 32000 samples / 40 epochs
-    assert json.loads(json.dumps(bench.Report((measure,)).to_dict()))["cases"][0]["epochs"] == 40

@@ -5,7 +5,7 @@
 2. the ledger's added time per round on one peer: sign + append its claim, check 3 groupmates' claims from
    the all-gather, co-sign + append the receipt (target < 5 ms).
 
-Usage: python scripts/bench_ledger.py [--records 20000] [--rounds 300] [--json]
+Usage: python scripts/bench/ledger.py [--records 20000] [--rounds 300] [--json] [--out FILE]
 """
 from __future__ import annotations
 
@@ -85,12 +85,13 @@ def _stats(seconds: list[float]) -> dict:
             "p95": 1e3 * ordered[int(0.95 * (len(ordered) - 1))], "max": 1e3 * ordered[-1]}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=20000, help="records to verify (default: 20000)")
     parser.add_argument("--rounds", type=int, default=300, help="rounds to time (default: 300)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, help="also write the JSON here (for scripts/bench/report.py)")
+    args = parser.parse_args(argv)
     pinned = pin_to_one_core()
     with tempfile.TemporaryDirectory() as tmp:
         for sub in ("v", "r"):
@@ -102,6 +103,11 @@ def main() -> int:
     v, r = result["verify"], result["round"]
     result["targets_met"] = {"verify_10k_per_s": v["records_per_s_cpu"] >= 10000,
                              "round_under_5ms": r["cpu_ms"]["p95"] < 5 and r["wall_ms"]["median"] < 5}
+    result["benchmark"] = "ledger"
+    result["command"] = "python scripts/bench/ledger.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
     if args.json:
         print(json.dumps(result))
         return 0
