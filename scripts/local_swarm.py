@@ -79,9 +79,11 @@ class PeerResult:
     compute_seconds: float
     steps: int
     samples: int
-    # Wall seconds the peer spent training. ``p2ptrain join --json`` does not report it yet, so this is
-    # estimated from its epoch log lines: last minus first, plus one mean epoch for the first.
+    # Wall seconds the peer spent training, as ``p2ptrain join --json`` reports it; for a peer that
+    # printed no summary, estimated from its epoch log lines (last minus first, plus one mean epoch).
     training_seconds: float | None
+    ledger: str | None = None  # the peer's ledger file
+    rejected_parts: int = 0  # groupmates' averaging parts this peer refused
 
 
 @dataclass(frozen=True)
@@ -261,9 +263,11 @@ class Swarm:
     """One bootstrap and ``peers`` trainers under ``workdir``; a context manager that always tears down."""
 
     def __init__(self, *, peers: int, task: str, max_epochs: int | None, workdir: Path,
-                 join_args: Sequence[str] = (), python: str = sys.executable):
+                 join_args: Sequence[str] = (), python: str = sys.executable,
+                 command: Callable[[int], list[str]] | None = None):
         self.n, self.task, self.max_epochs = peers, task, max_epochs
         self.workdir, self.join_args, self.python = workdir, list(join_args), python
+        self.command = command or (lambda i: ["-m", "p2ptrain"])  # what runs trainer i (scripts/cheaters.py swaps some)
         self.token = f"{os.getpid()}-{uuid.uuid4().hex}"
         self.bootstrap: PeerProcess | None = None
         self.trainers: list[PeerProcess] = []
@@ -283,8 +287,8 @@ class Swarm:
         env["COLUMNS"] = "250"  # rich wraps the peers' stdout at 80 columns when it is a pipe
         return env
 
-    def _spawn(self, label: str, args: list[str], log_name: str) -> PeerProcess:
-        argv = [self.python, "-m", "p2ptrain", *args]
+    def _spawn(self, label: str, args: list[str], log_name: str, command: Sequence[str] = ("-m", "p2ptrain")) -> PeerProcess:
+        argv = [self.python, *command, *args]
         return PeerProcess(label, argv, env=self._env(), log_path=self.workdir / "logs" / log_name)
 
     def start(self, deadline: float) -> None:
@@ -307,7 +311,7 @@ class Swarm:
                     "--identity", str(self.workdir / "keys" / f"peer-{i}.key"), "--task", self.task,
                     "--min-peers", str(self.n), "--join-timeout", f"{STARTUP_SECONDS:g}", *epochs,
                     "--log-format", "plain", "--json", *self.join_args]
-            self.trainers.append(self._spawn(f"peer {i}", args, f"peer-{i}.log"))
+            self.trainers.append(self._spawn(f"peer {i}", args, f"peer-{i}.log", self.command(i)))
 
     def wait(self, deadline: float, *, on_tick: Callable[[], None] | None = None) -> None:
         """Return once every trainer has exited cleanly; raise SwarmError on a failure or at ``deadline``."""
@@ -351,7 +355,8 @@ class Swarm:
                                     rounds_averaged=int(s.get("rounds_averaged", 0)),
                                     compute_seconds=float(s.get("compute_seconds", 0.0)), steps=int(s.get("steps", 0)),
                                     samples=int(s.get("samples", 0)),
-                                    training_seconds=None if training is None else round(training, 3)))
+                                    training_seconds=None if training is None else round(training, 3),
+                                    ledger=s.get("ledger"), rejected_parts=int(s.get("rejected_parts", 0))))
         accuracies = [p.accuracy for p in peers if p.accuracy is not None]
         end = self.finished or time.monotonic()
         return SwarmResult(task=self.task, peers=tuple(peers),
@@ -473,7 +478,8 @@ class _Terminated(Exception):
 
 def run_swarm(*, peers: int = 3, task: str = "digits-mlp", max_epochs: int | None = None, timeout: float = 600.0,
               workdir: Path | None = None, keep: bool = False, join_args: Sequence[str] = (),
-              console: Console | None = None, live: bool = True) -> SwarmResult:
+              console: Console | None = None, live: bool = True,
+              command: Callable[[int], list[str]] | None = None) -> SwarmResult:
     """Launch a local swarm, wait for it to finish, tear it down and return what it reported.
 
     Args:
@@ -484,6 +490,8 @@ def run_swarm(*, peers: int = 3, task: str = "digits-mlp", max_epochs: int | Non
         workdir: where keys, homes and logs go (default: a new temporary directory).
         keep: keep ``workdir`` afterwards (a directory given by the caller is always kept).
         join_args: extra flags for every ``p2ptrain join``.
+        command: the python arguments that run trainer ``i`` (1-based) before its ``join`` arguments
+            (default ``-m p2ptrain``).
         console: where progress is drawn (default: stderr).
         live: draw a live table (on a terminal) or a line per epoch (otherwise); False draws nothing.
 
@@ -501,7 +509,8 @@ def run_swarm(*, peers: int = 3, task: str = "digits-mlp", max_epochs: int | Non
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)  # so a kill of this script still tears the swarm down
     try:
-        with Swarm(peers=peers, task=task, max_epochs=max_epochs, workdir=workdir, join_args=join_args) as swarm:
+        with Swarm(peers=peers, task=task, max_epochs=max_epochs, workdir=workdir, join_args=join_args,
+                   command=command) as swarm:
             swarm.start(deadline)
             if live and console.is_terminal:
                 with Live(get_renderable=swarm.status, console=console, refresh_per_second=4, transient=True):

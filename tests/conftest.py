@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import psutil
 import pytest
@@ -58,11 +58,12 @@ class Epoch:
 class PeerProcess:
     """A ``python -m p2ptrain ...`` subprocess in its own process group, its output going to two files."""
 
-    def __init__(self, name: str, args: list[str], directory: Path, env: dict[str, str]):
+    def __init__(self, name: str, args: list[str], directory: Path, env: dict[str, str],
+                 program: Sequence[str] = ("-m", "p2ptrain")):
         self.name, self.args = name, args
         self.stdout_path, self.stderr_path = directory / f"{name}.out", directory / f"{name}.err"
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.popen = subprocess.Popen([sys.executable, "-m", "p2ptrain", *args], stdout=out, stderr=err,
+            self.popen = subprocess.Popen([sys.executable, *program, *args], stdout=out, stderr=err,
                                           stdin=subprocess.DEVNULL, env=env, cwd=directory, start_new_session=True)
         self.pgid = self.popen.pid  # start_new_session: the child leads its own group
         _started_groups.add(self.pgid)
@@ -180,8 +181,8 @@ class Swarm:
         self.processes: list[PeerProcess] = []
         self.address: str | None = None
 
-    def start(self, name: str, *args: str) -> PeerProcess:
-        process = PeerProcess(name, list(args), self.directory, self.env)
+    def start(self, name: str, *args: str, program: Sequence[str] = ("-m", "p2ptrain")) -> PeerProcess:
+        process = PeerProcess(name, list(args), self.directory, self.env, program)
         self.processes.append(process)
         return process
 
@@ -193,17 +194,18 @@ class Swarm:
         return self.address
 
     def join(self, name: str, *args: str, initial_peers: bool = True, wait_up: bool = True,
-             identity: Path | None = None) -> PeerProcess:
+             identity: Path | None = None, program: Sequence[str] = ("-m", "p2ptrain")) -> PeerProcess:
         """Start ``p2ptrain join`` (through the bootstrap unless ``initial_peers=False``) with ``args`` added.
 
-        With ``wait_up``, returns once the peer is in the swarm and has printed its join line.
+        With ``wait_up``, returns once the peer is in the swarm and has printed its join line. ``program``
+        is what python runs (e.g. ``scripts/byzantine_peer.py --attack nan``).
         """
         command = ["join", "--host-maddrs", LOCAL, "--identity", str(identity or self.directory / f"{name}.key"),
                    "--log-format", "plain", "--json"]
         if initial_peers:
             assert self.address is not None, "start the bootstrap first"
             command += ["--initial-peers", self.address]
-        process = self.start(name, *command, *args)
+        process = self.start(name, *command, *args, program=program)
         if wait_up:
             process.wait_for(r"p2ptrain join --initial-peers \S+", stream="stdout")
         return process
