@@ -16,6 +16,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure
 from hivemind.utils.multiaddr import Multiaddr
 
+from p2ptrain.allowlist import Allowlist, AllowlistValidator
 from p2ptrain.config import Settings
 from p2ptrain.errors import UserError
 from p2ptrain.identity import Identity
@@ -95,8 +96,12 @@ os.register_at_fork(after_in_child=_die_with_parent)
 
 
 def start_dht(settings: Settings, identity: Identity | None, *, client_mode: bool | None = None,
-              record_validators: Sequence[RecordValidatorBase] = ()) -> hivemind.DHT:
-    """Start this peer's DHT node, retrying unreachable initial peers with backoff until ``join_timeout``."""
+              record_validators: Sequence[RecordValidatorBase] = (), allowlist: Allowlist | None = None) -> hivemind.DHT:
+    """Start this peer's DHT node, retrying unreachable initial peers with backoff until ``join_timeout``.
+
+    With ``allowlist`` (a closed run) the node signs its records and accepts the run's records only from
+    allowlisted writers; without, it still strips writers' signatures so it can read a closed run.
+    """
     initial_peers = parse_initial_peers(settings.initial_peers)
     client_mode = settings.client_mode if client_mode is None else client_mode
     listen = host_maddrs(settings)
@@ -114,7 +119,8 @@ def start_dht(settings: Settings, identity: Identity | None, *, client_mode: boo
                 host_maddrs=listen, announce_maddrs=settings.announce_maddrs or None,
                 identity_path=str(identity.path) if identity else None,  # None: a throwaway peer id
                 check_if_identity_free=False,  # hivemind's check assumes RSA keys; see check_identity_free
-                record_validators=[Ed25519RecordValidator(settings.run_id), *record_validators],
+                record_validators=[Ed25519RecordValidator(settings.run_id), *record_validators, AllowlistValidator(
+                    settings.run_id, allowlist, identity.private_key.private_bytes_raw() if identity else None)],
             )
         except Exception as e:
             if not initial_peers or not _is_unreachable(e):
