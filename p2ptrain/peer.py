@@ -59,11 +59,13 @@ def load_identity(settings: Settings, default_name: str = "identity.key") -> Ide
 def run_join(settings: Settings, *, on_started: Callable[[Started], None],
              on_status: Callable[[Callable[[], LocalStatus]], None] | None = None) -> Finished:
     """Join (or start) a swarm and train until ``max_epochs`` or a stop signal."""
+    from p2ptrain.allowlist import Keeper, admit, load_own
     from p2ptrain.swarm import join_line, start_dht
     from p2ptrain.tasks import load_task
     from p2ptrain.trainer import Trainer
 
     identity = load_identity(settings)
+    allowlist = load_own(settings.allowlist, settings.run_id, identity)  # closed run: a key not on it stops here
     task = load_task(settings.task, settings.data_dir)  # fail on a bad task before touching the network
     checkpoint_dir = settings.checkpoint_dir or run_dir(settings, identity) / "checkpoint"
     if settings.resume:
@@ -76,9 +78,10 @@ def run_join(settings: Settings, *, on_started: Callable[[Started], None],
     if settings.ledger is None:
         ledger_path.parent.mkdir(parents=True, exist_ok=True)
     with IdentityLock(identity), Ledger(ledger_path, run_id=settings.run_id) as ledger:
-        dht = start_dht(settings, identity)
-        trainer = None
+        dht = start_dht(settings, identity, allowlist=allowlist)
+        trainer = keeper = None
         try:
+            allowlist = admit(dht, settings.run_id, identity, allowlist, look=bool(settings.initial_peers))
             on_started(Started(identity.name, identity.peer_id, join_line(dht, settings.run_id),
                                new_swarm=not settings.initial_peers))
             bookkeeper = None if settings.auxiliary else Bookkeeper(
@@ -88,6 +91,9 @@ def run_join(settings: Settings, *, on_started: Callable[[Started], None],
                 trainer.resume()
             heartbeat = Heartbeat(dht, settings.run_id, identity.public_key.hex(), trainer.report)
             heartbeat.start()
+            if allowlist is not None:
+                keeper = Keeper(dht, identity, allowlist, on_removed=trainer.stop_requested.set)
+                keeper.start()
             threading.Thread(target=_watchdog, args=(dht, trainer.stop_requested), daemon=True,
                              name="p2ptrain-watchdog").start()
             if on_status:
@@ -101,6 +107,8 @@ def run_join(settings: Settings, *, on_started: Callable[[Started], None],
                             interrupted=trainer.stop_requested.is_set())
         finally:
             t0 = time.monotonic()
+            if keeper is not None:
+                keeper.stop()
             if trainer is not None:
                 trainer.shutdown()
             t1 = time.monotonic()
@@ -135,13 +143,20 @@ _left = threading.Event()  # set once run_join has released everything
 
 def run_bootstrap(settings: Settings, *, on_started: Callable[[Started], None]) -> None:
     """A DHT-only peer with a stable address; serves until SIGINT/SIGTERM."""
+    from p2ptrain.allowlist import Keeper, admit, load_own
     from p2ptrain.swarm import join_line, start_dht
 
     identity = load_identity(settings, default_name="bootstrap.key")
+    allowlist = load_own(settings.allowlist, settings.run_id, identity)
     stop = threading.Event()
     with IdentityLock(identity):
-        dht = start_dht(settings, identity)
+        dht = start_dht(settings, identity, allowlist=allowlist)
+        keeper = None
         try:
+            allowlist = admit(dht, settings.run_id, identity, allowlist, look=bool(settings.initial_peers))
+            if allowlist is not None:
+                keeper = Keeper(dht, identity, allowlist, on_removed=stop.set)
+                keeper.start()
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, lambda *_: stop.set())
             on_started(Started(identity.name, identity.peer_id, join_line(dht, settings.run_id),
@@ -157,5 +172,7 @@ def run_bootstrap(settings: Settings, *, on_started: Callable[[Started], None]) 
             heartbeat.leave()
             logger.info(f"bootstrap peer served for {time.time() - started:.0f}s")
         finally:
+            if keeper is not None:
+                keeper.stop()
             dht.shutdown()
 
