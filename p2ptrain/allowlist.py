@@ -27,10 +27,11 @@ import re
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import Any, AsyncIterator  # typing's: hivemind finds streaming RPCs by typing's hint names
 
 import base58
 import msgpack
