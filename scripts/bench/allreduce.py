@@ -28,8 +28,8 @@ import argparse
 import inspect
 import json
 import multiprocessing as mp
-import queue
 import os
+import queue
 import signal
 import socket
 import statistics
@@ -50,7 +50,7 @@ VERBOSE = False  # --verbose: keep the workers' stderr
 
 def available_variants() -> list[str]:
     """The variants the installed p2ptrain supports (compression and aggregation are being added)."""
-    import p2ptrain.trainer as trainer
+    from p2ptrain import trainer
 
     found = ["none"]
     found += [c for c in ("fp16", "8bit") if c in getattr(trainer, "COMPRESSION", {})]
@@ -61,14 +61,14 @@ def available_variants() -> list[str]:
 
 def make_averager(params, dht, variant: str):
     """The trainer's gradient averager with the trainer's round settings."""
-    import p2ptrain.trainer as trainer
+    from p2ptrain import trainer
     from p2ptrain.config import Settings
 
     s = Settings()
-    kwargs: dict[str, Any] = dict(
-        dht=dht, prefix="bench_grad_averager", min_matchmaking_time=s.matchmaking_time,
-        request_timeout=s.matchmaking_time / 2, allreduce_timeout=s.averaging_timeout,
-        next_chunk_timeout=s.matchmaking_time, client_mode=False, start=True)
+    kwargs: dict[str, Any] = {
+        "dht": dht, "prefix": "bench_grad_averager", "min_matchmaking_time": s.matchmaking_time,
+        "request_timeout": s.matchmaking_time / 2, "allreduce_timeout": s.averaging_timeout,
+        "next_chunk_timeout": s.matchmaking_time, "client_mode": False, "start": True}
     if variant in ("fp16", "8bit"):
         kwargs["compression"] = trainer.COMPRESSION[variant]
     if variant == "centered-clip":
@@ -87,8 +87,8 @@ def p2p_worker(rank: int, floats: int, rounds: int, variant: str, initial_peers:
                verbose: bool = False) -> None:
     """One averaging peer: a DHT, the averager, ``rounds`` timed rounds; puts its timings on ``out``."""
     quiet_worker(verbose)
-    import torch
     import hivemind
+    import torch
     from hivemind.averaging.control import AveragingStage
 
     torch.set_num_threads(1)
@@ -116,7 +116,7 @@ def p2p_worker(rank: int, floats: int, rounds: int, variant: str, initial_peers:
             end = time.perf_counter()
             try:
                 group = len(control.result())
-            except BaseException:  # a failed round counts as a failure, not a crash
+            except Exception:  # noqa: BLE001  (a failed round counts as a failure, not a crash)
                 group = 0
             timings.append({"round_s": end - begin, "allreduce_s": end - began_allreduce if began_allreduce else None,
                             "group": group})
@@ -124,7 +124,7 @@ def p2p_worker(rank: int, floats: int, rounds: int, variant: str, initial_peers:
         barrier.wait(STARTUP_TIMEOUT)  # nobody leaves while another still averages with it
         averager.shutdown()
         dht.shutdown()
-    except BaseException as e:
+    except Exception as e:  # noqa: BLE001  (any failure goes back to the parent as one line)
         out.put(("error", rank, f"{type(e).__name__}: {e}"))
         barrier.abort()
 
@@ -168,8 +168,9 @@ def _summarise_p2p(per_peer: dict[int, list[dict]], peers: int) -> dict:
 
 
 def _stop(procs) -> None:
+    stop_by = time.monotonic() + 10  # all workers together, so a stop on SIGTERM stays quick
     for p in procs:
-        p.join(timeout=10)
+        p.join(timeout=max(0.1, stop_by - time.monotonic()))
     for p in procs:
         if p.is_alive():
             p.kill()
@@ -196,7 +197,7 @@ def gloo_worker(rank: int, world: int, port: int, floats: int, rounds: int, out,
         dist.barrier()
         dist.destroy_process_group()
         out.put(("timings", rank, timings))
-    except BaseException as e:
+    except Exception as e:  # noqa: BLE001  (any failure goes back to the parent as one line)
         out.put(("error", rank, f"{type(e).__name__}: {e}"))
 
 
@@ -237,9 +238,13 @@ def _stats(values: list[float]) -> dict | None:
 
 
 def run(sizes_mb: list[float], peers: list[int], rounds: int, variants: list[str], timeout: float,
-        log=print) -> dict:
+        log=print, save=lambda result: None) -> dict:
+    """All cases; ``save`` gets the result so far after each one (a run stopped at its budget keeps them)."""
     supported = available_variants()
     cases = []
+    result = {"benchmark": "allreduce", "rounds_per_case": rounds, "variants_supported": supported,
+              "averager": "p2ptrain.trainer.GatheringGradientAverager (hivemind GradientAverager)",
+              "load_average": os.getloadavg()[0], "cases": cases, "complete": False}
     for n in peers:
         for mb in sizes_mb:
             size = int(mb * 1e6) // 4 * 4
@@ -252,12 +257,18 @@ def run(sizes_mb: list[float], peers: list[int], rounds: int, variants: list[str
                         "ratio_round": _ratio(p2p["round_s"], gloo["allreduce_s"]),
                         "ratio_allreduce": _ratio(p2p["allreduce_s"], gloo["allreduce_s"])}
                 cases.append(case)
+                save(result)
                 log(f"  p2ptrain  N={n} S={mb:g} MB {variant}: round {_fmt(p2p['round_s'])} s, "
                     f"all-reduce {_fmt(p2p['allreduce_s'])} s, full groups {p2p['full_group_share']:.0%}, "
                     f"ratio {case['ratio_round'] or float('nan'):.1f}x / {case['ratio_allreduce'] or float('nan'):.1f}x")
-    return {"benchmark": "allreduce", "rounds_per_case": rounds, "variants_supported": supported,
-            "averager": "p2ptrain.trainer.GatheringGradientAverager (hivemind GradientAverager)",
-            "load_average": os.getloadavg()[0], "cases": cases}
+    result.update(complete=True, load_average=max(result["load_average"], os.getloadavg()[0]))
+    return result
+
+
+def write_json(path: Path | None, result: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
 
 
 def _ratio(p2p: dict | None, gloo: dict | None) -> float | None:
@@ -284,15 +295,15 @@ def main(argv: list[str] | None = None) -> int:
     global VERBOSE
     VERBOSE = args.verbose
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else print
+    command = "python scripts/bench/allreduce.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    save = lambda result: write_json(args.out, dict(result, command=command))
     try:
-        result = run(args.sizes_mb, args.peers, args.rounds, args.variants, args.timeout, log)
+        result = run(args.sizes_mb, args.peers, args.rounds, args.variants, args.timeout, log, save)
     except (RuntimeError, queue.Empty) as e:
         print(f"error: {e or 'a case timed out'}", file=sys.stderr)
         return 1
-    result["command"] = "python scripts/bench/allreduce.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+    result["command"] = command
+    save(result)
     if args.json:
         print(json.dumps(result))
     return 0

@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from local_swarm import Swarm, SwarmError  # noqa: E402  (a sibling script, not a package)
+from local_swarm import Swarm, SwarmError
 
 COMPONENTS = ("python", "workers", "p2pd")
 MB = 1024 * 1024
@@ -103,13 +103,13 @@ class MemorySampler:
 
 def run(task: str, peers: int, epochs: int, every: float, timeout: float, join_args: list[str]) -> dict:
     sampler = MemorySampler(every)
-    with tempfile.TemporaryDirectory(prefix="p2ptrain-bench-memory-") as tmp:
-        with Swarm(peers=peers, task=task, max_epochs=epochs, workdir=Path(tmp),
-                   join_args=["--torch-threads", "1", *join_args]) as swarm:
-            deadline = time.monotonic() + timeout
-            swarm.start(deadline)
-            swarm.wait(deadline, on_tick=lambda: sampler.sample(
-                [p.pid for p in swarm.trainers if p.proc.poll() is None and p.epoch is not None]))
+    with tempfile.TemporaryDirectory(prefix="p2ptrain-bench-memory-") as tmp, \
+            Swarm(peers=peers, task=task, max_epochs=epochs, workdir=Path(tmp),
+                  join_args=["--torch-threads", "1", *join_args]) as swarm:
+        deadline = time.monotonic() + timeout
+        swarm.start(deadline)
+        swarm.wait(deadline, on_tick=lambda: sampler.sample(
+            [p.pid for p in swarm.trainers if p.proc.poll() is None and p.epoch is not None]))
     return {"benchmark": "memory", "task": task, "peers": peers, "epochs": epochs, **sampler.summary()}
 
 

@@ -16,9 +16,10 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 OWN = ("allreduce", "training", "dht", "ledger", "memory")
@@ -117,9 +118,9 @@ def section_allreduce(r: dict) -> str:
              ratio(c.get("ratio_round")), ratio(c.get("ratio_allreduce")), pct(_get(c, "p2ptrain", "full_group_share"), 0)]
             for c in r.get("cases", [])]
     return "\n\n".join([
-        f"Averager: {r.get('averager', 'n/a')}; {r.get('rounds_per_case', '?')} timed rounds per case after a warm-up, "
-        f"medians; the round lasts until the slowest member returns. Variants p2ptrain supported at run time: "
-        f"{', '.join(r.get('variants_supported', [])) or 'n/a'}.",
+        (f"Averager: {r.get('averager', 'n/a')}; {r.get('rounds_per_case', '?')} timed rounds per case after a "
+         f"warm-up, medians; the round lasts until the slowest member returns. Variants p2ptrain supported at run "
+         f"time: {', '.join(r.get('variants_supported', [])) or 'n/a'}."),
         table(["N", "S", "variant", "p2ptrain round (matchmaking + all-reduce)", "p2ptrain all-reduce only",
                "gloo all_reduce", "ratio round / gloo", "ratio all-reduce / gloo", "full groups"], rows)])
 
@@ -133,11 +134,11 @@ def section_training(r: dict) -> str:
             for row in r.get("rows", {}).values()]
     ratios = r.get("ratios", {})
     parts = [
-        f"Task {r.get('task')}, target test accuracy {pct(target, 0)}, one torch thread per process, budget "
-        f"{r.get('budget_seconds', 0):.0f} s for all rows. Time to target is training time with evaluation "
-        f"excluded (the slowest peer's); utilisation = forward/backward seconds / training seconds (mean over "
-        f"peers); epochs = global epochs (p2ptrain) or optimizer steps (DDP); wall includes start-up.",
-        table([f"mode", f"time to {pct(target, 0)}", "utilisation", "final accuracy", "samples", "epochs/steps",
+        (f"Task {r.get('task')}, target test accuracy {pct(target, 0)}, one torch thread per process, budget "
+         f"{r.get('budget_seconds', 0):.0f} s for all rows. Time to target is training time with evaluation "
+         f"excluded (the slowest peer's); utilisation = forward/backward seconds / training seconds (mean over "
+         f"peers); epochs = global epochs (p2ptrain) or optimizer steps (DDP); wall includes start-up."),
+        table(["mode", f"time to {pct(target, 0)}", "utilisation", "final accuracy", "samples", "epochs/steps",
                "training", "wall", ""], rows),
         table(["ratio", "value"], [["2-peer swarm / 1 peer (time to target)", ratio(ratios.get("swarm_vs_one"))],
                                    ["2-peer swarm / DDP (time to target)", ratio(ratios.get("swarm_vs_ddp"))],
@@ -150,17 +151,17 @@ def section_training(r: dict) -> str:
 
 
 def section_dht(r: dict) -> str:
-    rows = [[c["peers"], c["processes"], sec(_get(c, "join_s", "mean"), 2), sec(_get(c, "join_s", "p95"), 2),
+    rows = [[c["peers"], c["processes"], pct(c.get("join_success"), 0), sec(_get(c, "join_s", "mean"), 2), sec(_get(c, "join_s", "p95"), 2),
              sec(_get(c, "join_s", "max"), 2), ms(_get(c, "store_s", "mean")), ms(_get(c, "store_s", "p95")),
              pct(c.get("store_success")), ms(_get(c, "get_s", "mean")), ms(_get(c, "get_s", "p95")),
              pct(c.get("get_success")),
              f"{_get(c, 'memory_mb_per_node', 'python')} + {_get(c, 'memory_mb_per_node', 'p2pd')} MiB"]
             for c in r.get("cases", [])]
     return "\n\n".join([
-        "hivemind DHTNodes, each with its own p2pd and identity, shared out over a few worker processes (one "
-        "asyncio loop each); every node joins through the first one. Keys in p2ptrain's style "
-        "(`{run}_peers`, `{run}_ledger_{epoch}`, subkey = the peer); gets read records other nodes stored.",
-        table(["peers", "processes", "join mean", "join p95", "join max", "store mean", "store p95", "store ok",
+        ("hivemind DHTNodes, each with its own p2pd and identity, shared out over a few worker processes (one "
+         "asyncio loop each); every node joins through the first one. Keys in p2ptrain's style "
+         "(`{run}_peers`, `{run}_ledger_{epoch}`, subkey = the peer); gets read records other nodes stored."),
+        table(["peers", "processes", "joined", "join mean", "join p95", "join max", "store mean", "store p95", "store ok",
                "get mean", "get p95", "get ok", "RSS per node (Python share + p2pd)"], rows)])
 
 
@@ -168,9 +169,9 @@ def section_ledger(r: dict) -> str:
     v, rd = r.get("verify", {}), r.get("round", {})
     rows = [["records verified per CPU-second", f"{v.get('records_per_s_cpu', 0):,.0f}", "≥ 10,000"],
             ["records verified per wall second", f"{v.get('records_per_s_wall', 0):,.0f}", ""],
-            [f"ledger time per round, CPU (mean / median / p95)",
+            ["ledger time per round, CPU (mean / median / p95)",
              " / ".join(f"{_get(rd, 'cpu_ms', k) or 0:.2f} ms" for k in ("mean", "median", "p95")), "< 5 ms"],
-            [f"ledger time per round, wall (mean / median / p95)",
+            ["ledger time per round, wall (mean / median / p95)",
              " / ".join(f"{_get(rd, 'wall_ms', k) or 0:.2f} ms" for k in ("mean", "median", "p95")), "< 5 ms"]]
     return (f"{v.get('records', '?')} records, {rd.get('rounds', '?')} rounds of a {rd.get('group_size', '?')}-peer "
             f"group; {r.get('cpu', '')}; Ed25519 via {r.get('signature_backend', '?')}.\n\n"
@@ -245,7 +246,10 @@ def targets(results: dict[str, dict]) -> list[list[str]]:
     else:
         add("averaging round ≤ 3× gloo, same bytes (loopback)", "n/a", None)
     deltas = {k: d for k, d in (_get(tr, "ratios", "accuracy_minus_one") or {}).items() if k != "one"}
-    if deltas:
+    if deltas and _get(tr, "rows", "one", "time_to_target") is None:
+        add("final accuracy of every mode within 0.5 points of 1 peer", "n/a: the 1-peer run did not reach the "
+            "target in its time", None)
+    elif deltas:
         worst = max(deltas, key=lambda k: abs(deltas[k]))
         add("final accuracy of every mode within 0.5 points of 1 peer",
             f"{100 * deltas[worst]:+.2f} points worst ({worst}); rows stop at the target, so sample counts differ",
@@ -285,7 +289,7 @@ def load(results_dir: Path) -> tuple[dict[str, Any], dict[str, str]]:
 def render(results_dir: Path) -> str:
     results, problems = load(results_dir)
     run = results.pop("run", {}) or {}
-    date = run.get("finished") or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    date = run.get("finished") or dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     out = ["# Benchmarks", "",
            f"Generated by `make bench` (`scripts/bench/run_all.py`, then `scripts/bench/report.py`) on {date}."
            + (f" The whole run took {run['total_seconds']:.0f} s." if run.get("total_seconds") else ""),
@@ -312,11 +316,15 @@ def render(results_dir: Path) -> str:
                 out.append(f"(could not render {name}.json: {type(e).__name__}: {e})")
             if load_avg is not None:
                 out += ["", f"Load average (1 min) during this benchmark: {load_avg:.1f}."]
+            if isinstance(results[name], dict) and results[name].get("complete") is False:
+                out += ["", ("**Partial**: the benchmark was stopped at its time budget; these are the cases "
+                             "it finished.")]
         else:
             out.append(f"Not measured in this run ({problems.get(name, f'no {name}.json')}).")
         out.append("")
-    for name in sorted(k for k in results if k not in OWN):
-        out += [f"## {name} (from {name}.json)", "", section_generic(results[name]), ""]
+    for name in sorted({*results, *problems} - {*OWN, "run"}):
+        body = section_generic(results[name]) if name in results else f"Could not be read ({problems[name]})."
+        out += [f"## {name} (from {name}.json)", "", body, ""]
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -48,11 +48,11 @@ class Stage:
 
 
 def stages(results: Path) -> list[Stage]:
-    r = lambda name: str(results / name)  # noqa: E731
+    r = lambda name: os.path.relpath(results / name, ROOT)
     return [
-        Stage("ledger", "ledger.py", ["--records", "20000", "--rounds", "300", "--out", r("ledger.json")], 45,
+        Stage("ledger", "ledger.py", ["--records", "10000", "--rounds", "200", "--out", r("ledger.json")], 60,
               ["ledger.json"]),
-        Stage("dht", "dht.py", ["--peers", "32", "64", "--processes", "4", "--ops", "4", "--out", r("dht.json")], 100,
+        Stage("dht", "dht.py", ["--peers", "32", "64", "--processes", "4", "--ops", "4", "--out", r("dht.json")], 110,
               ["dht.json"]),
         Stage("allreduce", "allreduce.py", ["--sizes-mb", "4", "40", "--peers", "2", "4", "--rounds", "4",
                                             "--variants", "none", "fp16", "8bit", "centered-clip",
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.monotonic() - began:5.0f}s] {stage.name}: {status} in {seconds:.0f} s", flush=True)
     total = time.monotonic() - began
     run = {"stages": ran, "total_seconds": total, "command": "make bench",
-           "finished": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+           "finished": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
     (args.results / "run.json").write_text(json.dumps(run, indent=1))
     code = subprocess.call([sys.executable, str(HERE / "report.py"), "--results", str(args.results),
                             "--out", str(args.report)], cwd=ROOT)

@@ -36,8 +36,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from local_swarm import Swarm, SwarmError  # noqa: E402  (sibling scripts, not a package)
-from memory import MemorySampler  # noqa: E402
+from local_swarm import Swarm, SwarmError
+from memory import MemorySampler
 
 # name -> (label, peers, extra join flags, the join flag that must exist)
 ROWS = {
@@ -59,7 +59,7 @@ STOP_GRACE = 30.0  # after SIGINT at the time limit, how long the peers get to l
 def join_flags() -> str:
     """``p2ptrain join --help``: which optional flags this p2ptrain has."""
     out = subprocess.run([sys.executable, "-m", "p2ptrain", "join", "--help"], capture_output=True, text=True,
-                         env=dict(os.environ, COLUMNS="200"), timeout=120)
+                         env=dict(os.environ, COLUMNS="200"), timeout=120, check=False)
     return out.stdout
 
 
@@ -125,7 +125,8 @@ def run_ddp_row(task: str, target: float, limit: float, data_dir: str | None) ->
     if data_dir:
         argv += ["--data-dir", data_dir]
     began = time.monotonic()
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=limit * 2 + STARTUP_ALLOWANCE + 60)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=limit * 2 + STARTUP_ALLOWANCE + 60,
+                         check=False)
     if out.returncode != 0:
         raise SwarmError(f"ddp_train.py exited with code {out.returncode}", out.stderr.splitlines()[-10:])
     r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -152,9 +153,12 @@ def ratios(rows: dict[str, dict]) -> dict:
 
 
 def run(task: str, target: float, budget: float, names: list[str], data_dir: str | None,
-        memory_out: Path | None, log=print) -> dict:
+        memory_out: Path | None, log=print, save=lambda result: None) -> dict:
+    """Every row within ``budget``; ``save`` gets the result so far after each row (a stop keeps them)."""
     helptext = join_flags()
     rows, skipped, began = {}, {}, time.monotonic()
+    result = {"benchmark": "training", "task": task, "target": target, "budget_seconds": budget, "rows": rows,
+              "skipped": skipped, "ratios": {}, "load_average": os.getloadavg()[0], "complete": False}
     sampler = MemorySampler() if memory_out else None
     for i, name in enumerate(names):
         label, peers, flags, needs = ROWS[name]
@@ -166,7 +170,9 @@ def run(task: str, target: float, budget: float, names: list[str], data_dir: str
         # the optional rows take what the core rows left
         weights = sum(CORE.get(n, 0.0) for n in names[i:])
         share = left * CORE[name] / weights if name in CORE else left
-        limit = share - STARTUP.get(name, STARTUP_ALLOWANCE)
+        # a row's share may fall below the minimum when the budget is small; it may then take the minimum
+        limit = min(max(share, MIN_ROW_SECONDS + STARTUP.get(name, STARTUP_ALLOWANCE)), left) \
+            - STARTUP.get(name, STARTUP_ALLOWANCE)
         if limit < MIN_ROW_SECONDS:
             skipped[name] = f"not enough of the {budget:.0f} s budget left ({left:.0f} s)"
             log(f"  {label}: skipped ({skipped[name]})")
@@ -182,16 +188,21 @@ def run(task: str, target: float, budget: float, names: list[str], data_dir: str
             log(f"  {label}: failed: {e}")
             continue
         rows[name] = {"label": label, "peers": peers, "flags": flags, **row}
+        result["ratios"] = ratios(rows)
+        save(result)
+        if name == "swarm" and memory_out and sampler and sampler.samples:
+            write_json(memory_out, {"benchmark": "memory", "task": task, "peers": 2,
+                                    "source": "training.py, the 2-peer swarm row", **sampler.summary()})
         log(f"  {label}: time to {target:.0%} {_s(row['time_to_target'])}, utilisation {_pct(row['utilisation'])}, "
             f"accuracy {_pct(row['final_accuracy'], 2)}, {row['samples']} samples, wall {row['wall_seconds']:.0f} s")
-    result = {"benchmark": "training", "task": task, "target": target, "budget_seconds": budget, "rows": rows,
-              "skipped": skipped, "ratios": ratios(rows), "load_average": os.getloadavg()[0]}
-    if memory_out and sampler and sampler.samples:
-        memory = {"benchmark": "memory", "task": task, "peers": 2, "source": "training.py, the 2-peer swarm row",
-                  **sampler.summary()}
-        memory_out.parent.mkdir(parents=True, exist_ok=True)
-        memory_out.write_text(json.dumps(memory, indent=1))
+    result.update(complete=True, load_average=max(result["load_average"], os.getloadavg()[0]))
     return result
+
+
+def write_json(path: Path | None, result: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
 
 
 def _s(v):
@@ -215,11 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds through Swarm, which stops the peers
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else (lambda line: print(line, flush=True))
-    result = run(args.task, args.target, args.budget, args.rows, args.data_dir, args.memory_out, log)
-    result["command"] = "python scripts/bench/training.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+    command = "python scripts/bench/training.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    save = lambda result: write_json(args.out, dict(result, command=command))
+    result = run(args.task, args.target, args.budget, args.rows, args.data_dir, args.memory_out, log, save)
+    result["command"] = command
+    save(result)
     if args.json:
         print(json.dumps(result))
     return 0 if result["rows"] else 1
