@@ -308,12 +308,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 say(line)
             for kind in [args.only] if args.only else ["swarm", "ddp"]:
                 runs.append(run_one(kind, topo, args, join_flags, work, say))
+                data = merge(args.out, check.to_dict(), runs[-1:])  # now: an interrupted comparison keeps it
                 topo.sweep()  # nothing of one run may linger into the next
     except WanError as e:
         say(f"[red]error:[/] {e}")
         return 1
     except KeyboardInterrupt:
-        say("interrupted: namespaces and processes removed")
+        say("interrupted: namespaces and processes removed" + (f"; finished runs are in {args.out}" if runs else ""))
         return 130
     finally:
         failed = any("error" in r for r in runs)
@@ -321,7 +322,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             say(f"logs kept in {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    data = merge(args.out, check.to_dict(), runs)
     out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
     out.print(table(data))
     for r in data["runs"]:
