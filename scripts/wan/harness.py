@@ -318,7 +318,8 @@ class SelfCheck:
         return abs(self.wire_mbit - self.rate_mbit_setting) <= TOLERANCE * self.rate_mbit_setting
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "rtt_ok": self.rtt_ok, "rate_ok": self.rate_ok}
+        figures = {k: round(v, 2) if isinstance(v, float) else v for k, v in asdict(self).items()}
+        return {**figures, "rtt_ok": self.rtt_ok, "rate_ok": self.rate_ok}
 
     def lines(self) -> list[str]:
         mark = {True: "ok", False: "OFF BY MORE THAN 10%"}

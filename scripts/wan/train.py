@@ -19,7 +19,8 @@ ddp    ``scripts/bench/ddp_train.py``, rank i in peer namespace i, gloo over the
        RTT (a 2-rank ring all-reduce sends and receives the gradient once per rank, in two latency-bound
        phases).
 
-Each record also has ``link_bytes``: what every peer sent and received through its link during the run.
+Each record is one flat row (for scripts/bench/report.py); ``link_mb_up``/``link_mb_down`` are the MB each
+peer sent and received through its link during the run: the evidence that its traffic crossed the links.
 
 Every run is bounded by ``--time-limit`` wall seconds from its first process (swarm peers then get SIGINT
 and up to 30 s to print their summaries; DDP ranks still running 30 s later are killed). Results are merged
@@ -58,6 +59,9 @@ STARTUP = 120.0  # bootstrap address, --join-timeout: importing torch + hivemind
 DDP_PORT = 29500
 DDP_SLACK = (0.75, 30.0)  # DDP trains at most 0.75 * limit - 30 s: its clock leaves start-up and tests out
 PROGRESS_EVERY = 30.0
+LABELS = {"swarm": "p2ptrain, 2-peer swarm", "ddp": "DDP, 2 ranks (gloo)"}
+LINK_MODEL = ("each peer in its own network namespace behind a router namespace; RTT added by a user-space "
+              "delay line on a TUN device (RTT/2 each way), rate by tbf on each peer's upload and download")
 
 
 class RunFailed(Exception):
@@ -171,15 +175,17 @@ def run_swarm(topo: Topology, args: argparse.Namespace, join_flags: list[str], w
 
 
 def swarm_record(summaries: list[dict], wall: float, finished: bool) -> dict:
+    """One flat row from the two peers' ``--json`` summaries."""
     reached = [s.get("time_to_accuracy") for s in summaries]
-    accuracies = [s["accuracy"] for s in summaries if s.get("accuracy") is not None]
-    utilisation = [s["compute_seconds"] / s["training_seconds"] for s in summaries if s.get("training_seconds")]
-    return {"time_to_target": max(reached) if None not in reached else None,
-            "reached": None not in reached,
-            "utilisation": sum(utilisation) / len(utilisation) if utilisation else None,
-            "final_accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
-            "wall_seconds": round(wall, 1), "stopped_at_time_limit": not finished,
-            "epochs": max(s.get("epoch", 0) for s in summaries), "peers": summaries}
+    return {"time_to_target": _round(max(reached)) if None not in reached else None, "reached": None not in reached,
+            "utilisation": _round(_mean([s["compute_seconds"] / s["training_seconds"] for s in summaries
+                                         if s.get("training_seconds")]), 3),
+            "final_accuracy": _round(_mean([s["accuracy"] for s in summaries if s.get("accuracy") is not None]), 4),
+            "training_seconds": _round(max(s.get("training_seconds", 0.0) for s in summaries)),
+            "eval_seconds": _round(max(s.get("eval_seconds", 0.0) for s in summaries)),
+            "wall_seconds": _round(wall), "stopped_at_limit": not finished,
+            "epochs": max(s.get("epoch", 0) for s in summaries),
+            "rounds_averaged": [f"{s.get('rounds_averaged')}/{s.get('rounds')}" for s in summaries]}
 
 
 def run_ddp(topo: Topology, args: argparse.Namespace, work: Path, say) -> dict:
@@ -198,11 +204,26 @@ def run_ddp(topo: Topology, args: argparse.Namespace, work: Path, say) -> dict:
     result = ranks[0].summary()
     if result is None:
         raise RunFailed(f"DDP rank 0 printed no JSON summary (log: {ranks[0].err})")
-    record = {key: result.get(key) for key in ("time_to_target", "reached", "utilisation", "final_accuracy")}
-    per_step = comm_lower_bound(result["bytes_per_step"], topo.link)
-    return {**record, "wall_seconds": round(time.monotonic() - started, 1), "steps": result.get("steps"),
+    return ddp_record(result, time.monotonic() - started, topo.link)
+
+
+def ddp_record(result: dict, wall: float, link: Link) -> dict:
+    """One flat row from rank 0's JSON, with the link model's bound on its communication."""
+    per_step = comm_lower_bound(result["bytes_per_step"], link)
+    return {"time_to_target": _round(result.get("time_to_target")), "reached": result.get("reached"),
+            "utilisation": _round(result.get("utilisation"), 3), "final_accuracy": result.get("final_accuracy"),
+            "training_seconds": _round(result.get("wall_seconds")), "eval_seconds": _round(result.get("eval_seconds")),
+            "wall_seconds": _round(wall), "stopped_at_limit": not result.get("reached"), "steps": result.get("steps"),
             "bytes_per_step": result["bytes_per_step"], "comm_lower_bound_seconds_per_step": round(per_step, 3),
-            "comm_lower_bound_seconds": round(per_step * result.get("steps", 0), 1), "ddp": result}
+            "comm_lower_bound_seconds": round(per_step * result.get("steps", 0), 1)}
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _round(x: float | None, digits: int = 1) -> float | None:
+    return None if x is None else round(x, digits)
 
 
 def comm_lower_bound(bytes_per_step: int, link: Link) -> float:
@@ -226,11 +247,15 @@ def _wait_for(proc: Proc, pattern: re.Pattern, deadline: float) -> str:
 def merge(out: Path, check: dict, runs: list[dict]) -> dict:
     """Add ``runs`` to the results in ``out``, replacing runs of the same configuration."""
     data = json.loads(out.read_text()) if out.exists() else {}
-    keep = [r for r in data.get("runs", []) if r["key"] not in {run["key"] for run in runs}]
-    data.update(selfcheck=check, runs=keep + runs)
+    keep = [r for r in data.get("runs", []) if _key(r) not in {_key(run) for run in runs}]
+    data.update(benchmark="wan", link_model=LINK_MODEL, selfcheck=check, runs=keep + runs)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2) + "\n")
     return data
+
+
+def _key(run: dict) -> tuple:
+    return run["kind"], run["task"], run["target"], run["rtt_ms"], run["rate_mbit"], run["mtu"], run["flags"]
 
 
 def table(data: dict) -> Table:
@@ -238,10 +263,10 @@ def table(data: dict) -> Table:
     for column in ("run", "link", "flags", "time to target", "utilisation", "final accuracy", "wall"):
         t.add_column(column, justify="left" if column in ("run", "link", "flags") else "right")
     for r in data["runs"]:
-        link = f"{r['link']['rtt_ms']:g} ms / {r['link']['rate_mbit']:g} Mbit"
+        link = f"{r['rtt_ms']:g} ms / {r['rate_mbit']:g} Mbit"
         reached = f"{r['time_to_target']:.0f} s" if r.get("time_to_target") is not None else "not reached"
         wall = f"{r['wall_seconds']:.0f} s" if "wall_seconds" in r else "failed"
-        t.add_row(r["kind"], link, " ".join(r["flags"]) or "-", reached, _pct(r.get("utilisation")),
+        t.add_row(r["kind"], link, r["flags"] or "-", reached, _pct(r.get("utilisation")),
                   _num(r.get("final_accuracy")), wall)
     return t
 
@@ -273,13 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_one(kind: str, topo: Topology, args: argparse.Namespace, join_flags: list[str], work: Path, say) -> dict:
-    flags = join_flags if kind == "swarm" else shlex.split(args.ddp_args)
-    link = {"rtt_ms": topo.link.rtt_ms, "rate_mbit": topo.link.rate_mbit, "mtu": topo.link.mtu}
-    head = {"key": json.dumps([kind, args.task, args.target, link, flags]), "kind": kind, "task": args.task,
-            "target": args.target, "link": link, "flags": flags, "time_limit": args.time_limit,
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "load_average": os.getloadavg()[0], "cpus": os.cpu_count()}
-    say(f"{kind}: starting ({' '.join(flags) or 'default flags'})")
+    flags = shlex.join(join_flags if kind == "swarm" else shlex.split(args.ddp_args))
+    head = {"label": LABELS[kind], "kind": kind, "task": args.task, "target": args.target, "flags": flags,
+            "rtt_ms": topo.link.rtt_ms, "rate_mbit": topo.link.rate_mbit, "mtu": topo.link.mtu,
+            "time_limit": args.time_limit, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "load_average": round(os.getloadavg()[0], 1), "cpus": os.cpu_count()}
+    say(f"{kind}: starting ({flags or 'default flags'})")
     before = topo.traffic()
     try:
         body = run_swarm(topo, args, join_flags, work, say) if kind == "swarm" else run_ddp(topo, args, work, say)
@@ -287,8 +311,9 @@ def run_one(kind: str, topo: Topology, args: argparse.Namespace, join_flags: lis
         say(f"[red]{kind} failed:[/] {e}")
         return {**head, "error": str(e)}
     # what actually crossed the emulated links: evidence that the run's traffic went through them
-    sent = [{way: after[way] - b[way] for way in after} for b, after in zip(before, topo.traffic())]
-    return {**head, **body, "link_bytes": sent}
+    after = topo.traffic()
+    return {**head, **body, **{f"link_mb_{way}": [round((a[way] - b[way]) / 1e6, 1) for b, a in zip(before, after)]
+                               for way in ("up", "down")}}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -326,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.print(table(data))
     for r in data["runs"]:
         if "error" in r:
-            out.print(f"{r['kind']} {' '.join(r['flags'])}: {r['error']}", soft_wrap=True)
+            out.print(f"{r['kind']} {r['flags']}: {r['error']}", soft_wrap=True)
     say(f"results in {args.out}")
     return 1 if any("error" in r for r in runs) or not (check.rtt_ok and check.rate_ok) else 0
 
