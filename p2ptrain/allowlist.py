@@ -583,8 +583,8 @@ class AllowlistOptimizerMixin:
     def _make_state_averager(self, **kwargs: Any) -> Any:
         from hivemind.optim.state_averager import TrainingStateAverager
 
-        # hivemind 1.1.12's Optimizer._make_state_averager, with the class swapped
-        return closed(TrainingStateAverager)(
+        # hivemind 1.1.12's Optimizer._make_state_averager, with the class swapped (the subclass may name its own)
+        return closed(getattr(self, "state_averager_class", TrainingStateAverager))(
             dht=self.dht, prefix=f"{self.run_id}_state_averager", min_matchmaking_time=self.matchmaking_time,
             allreduce_timeout=self.allreduce_timeout, shutdown_timeout=self.shutdown_timeout,
             offload_optimizer=self.offload_optimizer, custom_gradients=self.offload_optimizer,

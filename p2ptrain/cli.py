@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from p2ptrain.config import AGGREGATIONS, COMPRESSIONS
 from p2ptrain.errors import UserError
 
 console = Console(highlight=False)
@@ -136,6 +137,9 @@ def cmd_join(args: argparse.Namespace) -> int:
                "compute_seconds": round(finished.stats["compute_seconds"], 3),
                "training_seconds": round(finished.stats["training_seconds"], 3),
                "rounds": finished.stats["rounds"], "rounds_averaged": finished.stats["rounds_averaged"],
+               "time_to_accuracy": finished.stats["time_to_accuracy"],
+               "eval_seconds": round(finished.stats["eval_seconds"], 3),
+               "rejected_parts": finished.stats["rejected_parts"],
                "ledger": finished.ledger, "ledger_clean": finished.stats["ledger_clean"]}
     if args.json:
         print(json.dumps(summary))
@@ -274,6 +278,7 @@ def _add_network_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", type=Path, metavar="FILE", help="a TOML profile, e.g. peers/trainer.toml")
     g.add_argument("--client-mode", action="store_true", help="behind NAT: connect out only")
     g.add_argument("--join-timeout", type=float, metavar="SECONDS", help="keep retrying initial peers this long")
+    g.add_argument("--allowlist", type=Path, metavar="FILE", help="a closed run: the owner-signed list of allowed keys")
     g = p.add_argument_group("output")
     g.add_argument("--quiet", action="store_true", help="only warnings and errors")
     g.add_argument("--log-format", choices=["rich", "plain"], default="rich", help="plain: one line per event")
@@ -295,11 +300,145 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ledger", type=Path, metavar="PATH", help="ledger file (default: ~/.p2ptrain/runs/<run>/<name>/ledger.sqlite)")
     g.add_argument("--delay-updates", action=argparse.BooleanOptionalAction,
                    help="overlap averaging with the next epoch's compute (one stale step)")
+    g.add_argument("--local-updates", action=argparse.BooleanOptionalAction,
+                   help="step locally on every batch; average the epoch's change (DiLoCo-style outer step)")
+    g.add_argument("--compression", choices=COMPRESSIONS, help="what averaging sends: none (float32), fp16, 8bit")
+    g.add_argument("--aggregation", choices=AGGREGATIONS,
+                   help="mean (default), or centered-clip: robust to peers sending bad gradients")
+    g.add_argument("--stop-at-accuracy", type=float, metavar="A",
+                   help="leave once the test accuracy reaches A (checked every epoch; for benchmarks)")
     g.add_argument("--matchmaking-time", type=float, metavar="SECONDS", help="time to gather an averaging group")
     g.add_argument("--averaging-timeout", type=float, metavar="SECONDS", help="give up on a round after this")
     g.add_argument("--min-peers", type=int, help="wait for this many training peers before starting (default: 1)")
     g.add_argument("--torch-threads", type=int, help="torch threads for this peer (default: 1)")
     g.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+
+
+# ---- allowlist -------------------------------------------------------------------------------------------
+
+def _allowlist_identity(args: argparse.Namespace, *, create: bool):
+    from p2ptrain.identity import Identity, default_home
+
+    path = args.identity or default_home() / "identity.key"
+    if not create and not path.exists():
+        raise UserError(f"no identity at {path}: only the owner's key can sign the allowlist (--identity FILE)")
+    return Identity.load_or_create(path) if create else Identity.load(path)
+
+
+def _print_allowlist(allowlist, path: Path, as_json: bool, note: str = "") -> None:
+    from p2ptrain.identity import peer_id_of
+    from p2ptrain.names import readable_name
+
+    entries = [("owner", allowlist.owner, readable_name(allowlist.owner))]
+    entries += [("peer", m.public_key, m.name) for m in allowlist.members]
+    if as_json:
+        print(json.dumps({"file": str(path), "run_id": allowlist.run_id, "version": allowlist.version,
+                          "owner": allowlist.owner.hex(), "owner_peer_id": peer_id_of(allowlist.owner),
+                          "peers": [{"role": role, "name": name, "peer_id": peer_id_of(key), "public_key": key.hex()}
+                                    for role, key, name in entries]}))
+        return
+    if note:
+        console.print(note, soft_wrap=True)
+    console.print(f"{path}: run {allowlist.run_id}, version {allowlist.version}, {len(entries)} keys, "
+                  f"signature valid", soft_wrap=True, markup=False)
+    for role, key, name in entries:
+        console.print(f"  {role:<5} {name:<24} {peer_id_of(key)}  {key.hex()}", soft_wrap=True, markup=False)
+
+
+def cmd_allowlist_create(args: argparse.Namespace) -> int:
+    from p2ptrain.allowlist import Allowlist, parse_peer, write
+
+    if args.output.exists() and not args.force:
+        raise UserError(f"{args.output} already exists: change it with `p2ptrain allowlist add/remove`, "
+                        f"or replace it with --force")
+    members = [parse_peer(p) for p in args.add]
+    allowlist = Allowlist.create(_allowlist_identity(args, create=True), args.run_id, members)
+    write(allowlist, args.output)
+    _print_allowlist(allowlist, args.output, args.json, note=f"created {args.output}")
+    return 0
+
+
+def cmd_allowlist_change(args: argparse.Namespace) -> int:
+    from p2ptrain.allowlist import load, parse_peer, write
+
+    allowlist = load(args.file)
+    peers = [parse_peer(p) for p in args.peers]
+    owner = _allowlist_identity(args, create=False)
+    if args.allowlist_command == "add":
+        updated = allowlist.updated(owner, add=peers)
+    else:
+        missing = [p.public_key for p in peers if not allowlist.allows(p.public_key)]
+        if missing:
+            from p2ptrain.identity import peer_id_of
+            raise UserError(f"{peer_id_of(missing[0])} is not on {args.file}; nothing was changed")
+        updated = allowlist.updated(owner, remove=[p.public_key for p in peers])
+    write(updated, args.file)
+    _print_allowlist(updated, args.file, args.json, note=f"{args.file}: version {allowlist.version} -> "
+                     f"{updated.version}; hand it to a running swarm with `p2ptrain allowlist publish {args.file} "
+                     f"--initial-peers …`")
+    return 0
+
+
+def cmd_allowlist_publish(args: argparse.Namespace) -> int:
+    from p2ptrain.allowlist import REFRESH, fetch, load, publish
+    from p2ptrain.config import Settings
+    from p2ptrain.swarm import start_dht
+
+    setup_logging(args)
+    allowlist = load(args.file)
+    settings = Settings(run_id=allowlist.run_id, initial_peers=args.initial_peers, join_timeout=args.join_timeout)
+    dht = start_dht(settings, None, client_mode=True)  # a throwaway key: the list carries the owner's signature
+    try:
+        if not publish(dht, allowlist):
+            raise UserError(f"no peer of the swarm accepted {args.file}: are they running run {allowlist.run_id} "
+                            f"with a list by the same owner ({allowlist.describe()})?")
+        newest = fetch(dht, allowlist.run_id, allowlist.owner)
+    finally:
+        dht.shutdown()
+    if newest is not None and newest.version > allowlist.version:
+        console.print(f"published version {allowlist.version}, but the swarm already has version {newest.version}, "
+                      f"which stays in force", soft_wrap=True)
+    else:
+        console.print(f"published version {allowlist.version} of run {allowlist.run_id}'s allowlist; running peers "
+                      f"enforce it within {REFRESH:.0f}s", soft_wrap=True)
+    return 0
+
+
+def cmd_allowlist_show(args: argparse.Namespace) -> int:
+    from p2ptrain.allowlist import load
+
+    _print_allowlist(load(args.file, args.run_id), args.file, args.json)
+    return 0
+
+
+def _add_allowlist_parser(sub: argparse._SubParsersAction) -> None:
+    allowlist = sub.add_parser("allowlist", help="create, change and show the signed list of keys of a closed run")
+    commands = allowlist.add_subparsers(dest="allowlist_command", required=True, metavar="ACTION")
+    peers_help = "peer id (12D3KooW…) or public key hex, optionally =NAME"
+
+    def add(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = commands.add_parser(name, help=help)
+        p.add_argument("--identity", type=Path, help="the owner's key file (default: ~/.p2ptrain/identity.key)")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("create", cmd_allowlist_create, "a new list for a run, signed by --identity (the run owner)")
+    p.add_argument("--run-id", default=DEFAULT_RUN_ID, help="the run the list closes (default: p2ptrain)")
+    p.add_argument("--add", nargs="+", default=[], metavar="PEER", help=peers_help)
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help="where to write the list")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    for name, verb in (("add", "add peers to"), ("remove", "remove peers from")):
+        p = add(name, cmd_allowlist_change, f"{verb} the list: a new version signed by the owner")
+        p.add_argument("file", type=Path, metavar="FILE")
+        p.add_argument("peers", nargs="+", metavar="PEER", help=peers_help)
+    p = add("publish", cmd_allowlist_publish, "hand a new version to a running swarm (peers adopt it within 30 s)")
+    p.add_argument("file", type=Path, metavar="FILE")
+    p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="address of any peer in the swarm")
+    p.add_argument("--join-timeout", type=float, default=20.0, metavar="SECONDS", help="keep retrying this long")
+    p = add("show", cmd_allowlist_show, "verify the list's signature and print it")
+    p.add_argument("file", type=Path, metavar="FILE")
+    p.add_argument("--run-id", help="also check that the list is for this run")
 
 
 # ---- ledger ----------------------------------------------------------------------------------------------
@@ -513,6 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_network_options(p)
     p.set_defaults(func=cmd_bootstrap)
     _add_ledger_parser(sub)
+    _add_allowlist_parser(sub)
     return parser
 
 

@@ -79,23 +79,28 @@ def centered_clip(parts: torch.Tensor, weights: torch.Tensor, iterations: int = 
 
 
 def screen(parts: torch.Tensor, weights: torch.Tensor) -> list[str | None]:
-    """For each sender, why its part is rejected, or None when it is kept."""
+    """For each sender, why its part is rejected, or None when it is kept.
+
+    The norm test compares a part with the parts of the other senders that carry data (finite, non-zero,
+    positive weight): a peer that accumulated nothing sends zeros, and zero is no yardstick.
+    """
     finite = torch.isfinite(parts).all(dim=1)
     norms = torch.where(finite, parts.norm(dim=1), torch.zeros(()))
+    weights = torch.nan_to_num(weights.to(torch.float64), nan=-1.0)
+    yardstick = finite & (norms > 0) & (weights > 0) & torch.isfinite(weights)
     reasons: list[str | None] = []
     for i in range(len(parts)):
         weight = float(weights[i])
+        others = torch.cat([norms[:i], norms[i + 1:]])[torch.cat([yardstick[:i], yardstick[i + 1:]])]
+        typical = float(median(others)) if len(others) else 0.0
         if not finite[i]:
             reasons.append("part holds NaN or Inf")
-        elif not (weight >= 0 and weight < float("inf")):
-            reasons.append(f"weight {weight} is not a finite non-negative number")
+        elif not 0 <= weight < float("inf"):
+            reasons.append("weight is not a finite non-negative number")
+        elif typical > 0 and norms[i] > MAX_NORM_RATIO * typical:
+            reasons.append(f"norm {float(norms[i]):.3g} is over {MAX_NORM_RATIO:g}x the others' median {typical:.3g}")
         else:
-            others = torch.cat([norms[:i], norms[i + 1:]])[torch.cat([finite[:i], finite[i + 1:]])]
-            typical = float(median(others)) if len(others) else 0.0
-            if len(others) and norms[i] > MAX_NORM_RATIO * max(typical, 1e-12):
-                reasons.append(f"norm {float(norms[i]):.3g} is over {MAX_NORM_RATIO:g}x the others' median {typical:.3g}")
-            else:
-                reasons.append(None)
+            reasons.append(None)
     return reasons
 
 
@@ -174,6 +179,7 @@ class RobustAllReduceRunner(AllReduceRunner):
                 logger.warning(f"rejected the averaging part from {peer}: {reason}")
                 rejected[peer] = reason
 
+        self.tensor_part_reducer.finished.set()  # the replaced reducer: unused, and not worth a warning
         self.tensor_part_reducer = RobustReducer(tuple(part.shape for part in self.parts_for_local_averaging),
                                                  len(self.sender_peer_ids), aggregation=aggregation,
                                                  on_reject=on_reject)

@@ -19,9 +19,11 @@ from typing import Any, Callable
 import hivemind
 import torch
 from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.utils.crypto import RSAPrivateKey
 
 from p2ptrain import compression
+from p2ptrain.allowlist import AllowlistOptimizerMixin
 from p2ptrain.bookkeeper import Bookkeeper
 from p2ptrain.config import Settings
 from p2ptrain.errors import UserError
@@ -74,7 +76,16 @@ class GatheringGradientAverager(RobustAveraging, GradientAverager):
         return super().step(control=control, **kwargs)
 
 
-class SwarmOptimizer(hivemind.Optimizer):
+class RobustStateAverager(RobustAveraging, TrainingStateAverager):
+    """hivemind's state averager (weights and optimizer state, every few epochs; what late joiners download)
+    with the same screening and aggregation as gradient rounds: one garbage model must not reach the others."""
+
+    def __init__(self, *args, aggregation: str = "mean", **kwargs):
+        self.aggregation = aggregation
+        super().__init__(*args, **kwargs)
+
+
+class SwarmOptimizer(AllowlistOptimizerMixin, hivemind.Optimizer):
     """``hivemind.Optimizer`` that signs a claim before each round and co-signs the round after it.
 
     With ``local_updates`` the trainer steps its own inner optimizer on every batch; this optimizer only
@@ -92,6 +103,7 @@ class SwarmOptimizer(hivemind.Optimizer):
     def __init__(self, *, bookkeeper: Bookkeeper | None, on_round: Callable[[int, dict], None],
                  local_updates: bool = False, **kwargs):
         self.bookkeeper, self._on_round, self.local_updates = bookkeeper, on_round, local_updates
+        self.state_averager_class = RobustStateAverager  # read by AllowlistOptimizerMixin._make_state_averager
         self.in_round = False
         self._round_epoch = 0
         super().__init__(**kwargs)
@@ -191,8 +203,8 @@ class Trainer:
         self.delay_updates = task.delay_updates if settings.delay_updates is None else settings.delay_updates
         self.local_updates = task.local_updates if settings.local_updates is None else settings.local_updates
         if self.local_updates and self.delay_updates:
-            raise UserError(f"task {task.name} delays updates by default, which local updates cannot use: "
-                            f"pass --no-delay-updates with --local-updates")
+            raise UserError(f"--delay-updates works only with --no-local-updates (task {task.name} defaults to "
+                            f"{'local' if task.local_updates else 'delayed'} updates)")
 
         torch.set_num_threads(settings.torch_threads)
         torch.manual_seed(settings.seed)  # every peer starts from the same weights
@@ -225,7 +237,7 @@ class Trainer:
             auxiliary=settings.auxiliary,
             tracker_opts=dict(private_key=RSAPrivateKey(), min_refresh_period=0.25, default_refresh_period=1.0),
             # a request timeout below the matchmaking time avoids matchmaking deadlocks (hivemind warns otherwise)
-            averager_opts=dict(request_timeout=settings.matchmaking_time / 2),
+            averager_opts=dict(request_timeout=settings.matchmaking_time / 2, aggregation=settings.aggregation),
             grad_averager_factory=partial(GatheringGradientAverager, request_timeout=settings.matchmaking_time / 2,
                                           aggregation=settings.aggregation),
             grad_compression=compression.GRADIENTS[settings.compression],

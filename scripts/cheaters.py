@@ -19,6 +19,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -49,7 +50,7 @@ def ledger_findings(ledger: str) -> dict:
     done = subprocess.run([sys.executable, "-m", "p2ptrain", "ledger", "fairness", "--ledger", ledger, "--json"],
                           capture_output=True, text=True, timeout=120)
     if not done.stdout.strip():
-        return {"error": done.stderr.strip().splitlines()[-1:] or ["no output"]}
+        return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
     report = json.loads(done.stdout)
     return {"flagged": {p["name"]: p["flags"] for p in report["peers"] if p["flags"]}, "gini": report.get("gini")}
 
@@ -60,16 +61,20 @@ def run_case(name: str, *, honest: int, attacked: bool, aggregation: str, task: 
                   + (", 1 sending x100, 1 sign-flipped, 1 claiming 10x" if attacked else "")
                   + f", aggregation {aggregation}")
     begin = time.monotonic()
-    result = run_swarm(peers=honest + 3, task=task, max_epochs=max_epochs, timeout=900, console=console,
-                       join_args=[*join_args, "--aggregation", aggregation], command=command_for(honest, attacked))
-    honest_peers = result.peers[:honest] if attacked else result.peers
+    with tempfile.TemporaryDirectory(prefix="p2ptrain-cheaters-") as workdir:  # kept until the audit has run
+        result = run_swarm(peers=honest + 3, task=task, max_epochs=max_epochs, timeout=900, console=console,
+                           workdir=Path(workdir), join_args=[*join_args, "--aggregation", aggregation],
+                           command=command_for(honest, attacked))
+        honest_peers = result.peers[:honest] if attacked else result.peers
+        ledger = ledger_findings(honest_peers[0].ledger) if honest_peers[0].ledger else {"error": "no ledger"}
     accuracies = [p.accuracy for p in honest_peers if p.accuracy is not None]
     attackers = {p.name: attack for p, attack in zip(result.peers[honest:], ATTACKS)} if attacked else {}
-    return {"case": name, "aggregation": aggregation, "attacked": attacked, "epochs": result.epochs,
+    case = {"case": name, "aggregation": aggregation, "attacked": attacked, "epochs": result.epochs,
             "honest_accuracy": round(sum(accuracies) / len(accuracies), 4) if accuracies else None,
             "attackers": attackers, "rejected_parts": sum(p.rejected_parts for p in result.peers),
-            "ledger": ledger_findings(honest_peers[0].ledger) if honest_peers[0].ledger else {},
-            "wall_seconds": round(time.monotonic() - begin, 1)}
+            "ledger": ledger, "wall_seconds": round(time.monotonic() - begin, 1)}
+    console.print(f"  honest peers' accuracy {case['honest_accuracy']}, flagged: {ledger}")
+    return case
 
 
 def render(cases: list[dict], console: Console) -> None:

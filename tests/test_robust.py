@@ -65,6 +65,12 @@ def test_screen_rejects_non_finite_parts_weights_and_absurd_norms_but_not_x100()
     assert "weight" in reasons[8]
 
 
+def test_screen_keeps_a_real_gradient_next_to_a_peer_that_accumulated_nothing():
+    _, honest = honest_and_attackers(1)
+    parts = torch.stack([honest[0], torch.zeros_like(honest[0])])
+    assert screen(parts, torch.tensor([64.0, 0.0], dtype=torch.float64)) == [None, None]
+
+
 @pytest.mark.parametrize("aggregation", ["mean", "centered-clip"])
 def test_reducer_aggregates_kept_parts_and_reports_rejected_senders(aggregation):
     parts = [torch.full((6,), 1.0), torch.full((6,), 3.0), torch.full((6,), float("nan"))]

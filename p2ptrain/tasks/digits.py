@@ -26,4 +26,7 @@ def make_task(data_dir=None) -> Task:
         target_batch_size=1024,
         lr=1e-2,
         max_epochs=40,
+        # local updates, 40 epochs: 0.9833 with 6 peers and 0.9917 with 2 peers after 15 epochs, against
+        # 0.9565 and 0.972 averaging gradients (one Adam step per epoch) -- scripts/cheaters.py, local_swarm.py
+        local_updates=True,
     )
