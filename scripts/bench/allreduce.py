@@ -16,7 +16,7 @@ For each (N peers, S bytes), in one run:
 - gloo: N processes, ``torch.distributed.all_reduce`` of a float32 tensor of S bytes, barrier, then timed.
 
 Variants (rows besides plain float32 mean, when p2ptrain supports them): ``fp16`` / ``8bit`` (the
-trainer's ``--compression`` codecs), ``centered-clip`` (``--aggregation centered-clip``); they run for the
+trainer's ``--compression`` codecs, ``p2ptrain.compression.GRADIENTS``), ``centered-clip`` (``--aggregation centered-clip``); they run for the
 largest N and S only, to keep the run short. Worker output (hivemind's shutdown noise) is discarded unless
 ``--verbose``: a worker's error travels back and is printed as one line. The first
 round of each case is a warm-up and is not counted. Prints a table, or one JSON object with ``--json``;
@@ -53,10 +53,19 @@ def available_variants() -> list[str]:
     from p2ptrain import trainer
 
     found = ["none"]
-    found += [c for c in ("fp16", "8bit") if c in getattr(trainer, "COMPRESSION", {})]
+    found += [c for c in ("fp16", "8bit") if c in _codecs()]
     if "aggregation" in inspect.signature(trainer.GatheringGradientAverager.__init__).parameters:
         found.append("centered-clip")
     return found
+
+
+def _codecs() -> dict:
+    """The trainer's ``--compression`` codecs for gradients (``p2ptrain.compression.GRADIENTS``), if any."""
+    try:
+        from p2ptrain.compression import GRADIENTS
+    except ImportError:
+        return {}
+    return GRADIENTS
 
 
 def make_averager(params, dht, variant: str):
@@ -70,7 +79,7 @@ def make_averager(params, dht, variant: str):
         "request_timeout": s.matchmaking_time / 2, "allreduce_timeout": s.averaging_timeout,
         "next_chunk_timeout": s.matchmaking_time, "client_mode": False, "start": True}
     if variant in ("fp16", "8bit"):
-        kwargs["compression"] = trainer.COMPRESSION[variant]
+        kwargs["compression"] = _codecs()[variant]
     if variant == "centered-clip":
         kwargs["aggregation"] = "centered-clip"
     return trainer.GatheringGradientAverager(params, **kwargs)

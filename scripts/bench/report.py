@@ -137,7 +137,11 @@ def section_training(r: dict) -> str:
         (f"Task {r.get('task')}, target test accuracy {pct(target, 0)}, one torch thread per process, budget "
          f"{r.get('budget_seconds', 0):.0f} s for all rows. Time to target is training time with evaluation "
          f"excluded (the slowest peer's); utilisation = forward/backward seconds / training seconds (mean over "
-         f"peers); epochs = global epochs (p2ptrain) or optimizer steps (DDP); wall includes start-up."),
+         f"peers); epochs = global epochs (p2ptrain) or optimizer steps (DDP); wall includes start-up. DDP "
+         f"trains the same model from the same seed with the swarm's global batch (the task's target batch size, "
+         f"in micro-batches of the task's batch size, one gradient all-reduce per step) and the task's optimizer "
+         f"and learning rate; swarm epochs overshoot the target batch a little (peers keep computing while a "
+         f"round assembles), hence more samples per epoch."),
         table(["mode", f"time to {pct(target, 0)}", "utilisation", "final accuracy", "samples", "epochs/steps",
                "training", "wall", ""], rows),
         table(["ratio", "value"], [["2-peer swarm / 1 peer (time to target)", ratio(ratios.get("swarm_vs_one"))],

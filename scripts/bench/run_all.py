@@ -54,7 +54,7 @@ def stages(results: Path) -> list[Stage]:
               ["ledger.json"]),
         Stage("dht", "dht.py", ["--peers", "32", "64", "--processes", "4", "--ops", "4", "--out", r("dht.json")], 110,
               ["dht.json"]),
-        Stage("allreduce", "allreduce.py", ["--sizes-mb", "4", "40", "--peers", "2", "4", "--rounds", "4",
+        Stage("allreduce", "allreduce.py", ["--sizes-mb", "4", "40", "--peers", "2", "4", "--rounds", "3",
                                             "--variants", "none", "fp16", "8bit", "centered-clip",
                                             "--out", r("allreduce.json")], 160, ["allreduce.json"]),
         Stage("training", "training.py", ["--task", "fashion-mlp", "--target", "0.88", "--out", r("training.json"),
