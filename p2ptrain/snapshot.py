@@ -435,10 +435,12 @@ class SnapshotTracker:
             last_seen=r.time, stale=r.peer_id in self._stale, flagged=r.peer_id in flagged,
         ) for r in sorted(self._reports.values(), key=lambda r: (r.name, r.peer_id)))
         remaining = max(0, target_batch_size - samples_accumulated)
+        eta = remaining / speed if speed > 0 else None
+        eta = eta if eta is not None and math.isfinite(eta) else None  # a tiny speed overflows it (no inf in JSON)
         return Snapshot(
             time=now, run_id=self.run_id, global_epoch=global_epoch, samples_accumulated=samples_accumulated,
             target_batch_size=target_batch_size, samples_per_second=speed,
-            eta_seconds=remaining / speed if speed > 0 else None, uptime_seconds=max(0.0, now - self.started_at),
+            eta_seconds=eta, uptime_seconds=max(0.0, now - self.started_at),
             peers=peers, loss_history=tuple(self._loss), throughput_history=tuple(self._throughput),
             ledger=ledger, events=tuple(self._events),
         )

@@ -29,7 +29,7 @@ from typing import Any
 import base58
 
 from p2ptrain.ledger.audit import TOLERANCE, Problem, problem_about
-from p2ptrain.ledger.records import ZERO_HASH, Claim, ReceiptSignature, Record, RecordError, from_json, sign
+from p2ptrain.ledger.records import MAX_INT, ZERO_HASH, Claim, ReceiptSignature, Record, RecordError, from_json, sign
 from p2ptrain.ledger.store import Ledger
 from p2ptrain.names import readable_name
 
@@ -194,7 +194,8 @@ class LedgerWriter:
         if isinstance(payload, Mapping):
             raw = payload.get("claim")
             weight = payload.get("weight")
-            if type(weight) in (int, float) and math.isfinite(weight) and weight >= 0:
+            # at most MAX_INT: a receipt cannot hold a larger weight, and cosign() would raise on it
+            if type(weight) in (int, float) and math.isfinite(weight) and 0 <= weight <= MAX_INT:
                 announced = int(round(weight))
         if not isinstance(raw, (bytes, str)):
             return bad("unreadable_claim", f"{who} sent no claim in the all-gather")
