@@ -50,7 +50,7 @@ class Stage:
 def stages(results: Path) -> list[Stage]:
     r = lambda name: os.path.relpath(results / name, ROOT)
     return [
-        Stage("ledger", "ledger.py", ["--records", "10000", "--rounds", "200", "--out", r("ledger.json")], 60,
+        Stage("ledger", "ledger.py", ["--records", "5000", "--rounds", "150", "--out", r("ledger.json")], 60,
               ["ledger.json"]),
         Stage("dht", "dht.py", ["--peers", "32", "64", "--processes", "4", "--ops", "4", "--out", r("dht.json")], 110,
               ["dht.json"]),
