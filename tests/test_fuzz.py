@@ -30,7 +30,6 @@ import random
 import time
 from collections import Counter
 from functools import partial
-from pathlib import Path
 
 import hivemind
 import msgpack
