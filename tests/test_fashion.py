@@ -57,7 +57,7 @@ def test_loads_idx_files(tmp_path: Path, gz: bool) -> None:
     assert np.array_equal(task.train[0].numpy(), arrays["train_images"])
     assert task.train[1].dtype == torch.int64 and task.train[1].tolist() == arrays["train_labels"].tolist()
     assert task.test[1].tolist() == arrays["test_labels"].tolist()
-    assert (task.batch_size, task.lr, task.accuracy_bar, task.num_classes) == (100, 3e-3, 0.88, 10)
+    assert (task.batch_size, task.lr, task.accuracy_bar, task.num_classes) == (100, 1e-3, 0.88, 10)
 
 
 def test_prepare_and_model(tmp_path: Path) -> None:

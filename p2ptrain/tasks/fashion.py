@@ -98,18 +98,15 @@ def make_task(data_dir: Path | str | None = None) -> Task:
         # one process, Adam 1e-3, batch 100: 0.850 after 1 pass, 0.876 after 5, first 0.880 after 7
         accuracy_bar=0.88,
         batch_size=100,
-        # Chosen with scripts/local_swarm.py, 2 peers, 1 torch thread each, on 2 shared cores (load 7-14).
-        # A round costs ~1 s whatever its size, so few large epochs win: at 16000 samples (~20000 with
-        # the swarm's overshoot) and lr 3e-3 the test accuracy passed 0.88 at epoch ~190, held 0.886-0.890
-        # from 200 to 250; two runs to 250 ended 0.8896 (720 s) and 0.8917 (642 s); one to 220 ended 0.8832,
-        # hence 250 for margin. Smaller epochs jitter around the bar: 4000 at lr 3e-3 ended 0.8825 at 300 after
-        # 0.877-0.881; 4000 at 2e-3 0.8837 at 350; 8000 at 3e-3 dipped to 0.874 at 290. lr 1e-3 is too slow
-        # (0.8775 best in 300 steps of 4000, offline). Delayed updates halve the epoch time but the
-        # one-step-stale Adam update ruins accuracy: 0.72 instead of 0.86 at epoch 100.
-        target_batch_size=16000,
-        max_epochs=250,
-        lr=3e-3,
-        delay_updates=False,
+        # Local updates (DiLoCo-style): each peer steps Adam 1e-3 on every batch of 100, the swarm averages
+        # the change once per 60000 samples (one pass of the data between them). 2 peers, 1 thread each,
+        # 2 shared cores at load ~25: 0.8824 at epoch 10-11 (163 s of training, 670k samples). Averaging
+        # gradients instead (one Adam step per 16000-sample epoch, lr 3e-3) needed ~190 epochs (3-4M
+        # samples, ~600 s) to pass 0.88, ending 0.8896-0.8917 at 250; its delayed updates ruined accuracy.
+        target_batch_size=60000,
+        max_epochs=15,
+        lr=1e-3,
+        local_updates=True,
         prepare=to_input,
     )
 
