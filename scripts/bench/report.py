@@ -306,7 +306,8 @@ def render(results_dir: Path) -> str:
             out.append(results[name]["command"])
     out += ["```", ""]
     if run.get("stages"):
-        out += ["Stages of this run:", "",
+        out += ["Stages of the last `make bench` run (a section whose command above differs from the stage's was "
+                "measured by a separate run of that script):", "",
                 table(["stage", "seconds", "budget", "status"],
                       [[s["name"], f"{s['seconds']:.0f}", f"{s.get('budget', 0):.0f}", s.get("status", "")]
                        for s in run["stages"]]), ""]
