@@ -56,14 +56,15 @@ def ledger_findings(ledger: str) -> dict:
 
 
 def run_case(name: str, *, honest: int, attacked: bool, aggregation: str, task: str, max_epochs: int | None,
-             join_args: Sequence[str], console: Console) -> dict:
+             join_args: Sequence[str], console: Console, keep: Path | None = None) -> dict:
     console.print(f"[bold]{name}[/]: {honest if attacked else honest + 3} honest peers"
                   + (", 1 sending x100, 1 sign-flipped, 1 claiming 10x" if attacked else "")
                   + f", aggregation {aggregation}")
     begin = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="p2ptrain-cheaters-") as workdir:  # kept until the audit has run
+    with tempfile.TemporaryDirectory(prefix="p2ptrain-cheaters-") as scratch:  # kept until the audit has run
+        workdir = keep / name.replace(", ", "-") if keep else Path(scratch)
         result = run_swarm(peers=honest + 3, task=task, max_epochs=max_epochs, timeout=900, console=console,
-                           workdir=Path(workdir), join_args=[*join_args, "--aggregation", aggregation],
+                           workdir=workdir, join_args=[*join_args, "--aggregation", aggregation],
                            command=command_for(honest, attacked))
         honest_peers = result.peers[:honest] if attacked else result.peers
         ledger = ledger_findings(honest_peers[0].ledger) if honest_peers[0].ledger else {"error": "no ledger"}
@@ -98,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--task", default="digits-mlp")
     parser.add_argument("--max-epochs", type=int, help="global epochs per swarm (default: the task's)")
     parser.add_argument("--quick", action="store_true", help="2 epochs per swarm: checks the script, measures nothing")
+    parser.add_argument("--only", choices=("clean", "mean", "centered-clip"), help="run one of the three cases")
+    parser.add_argument("--keep", type=Path, metavar="DIR", help="keep each swarm's keys, logs and ledgers under DIR")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON report (default {DEFAULT_OUT})")
     parser.add_argument("join_args", nargs="*", help="after --: flags for every p2ptrain join")
     args = parser.parse_args(argv)
@@ -105,10 +108,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     max_epochs = 2 if args.quick else args.max_epochs
     cases = []
     try:
-        for name, attacked, aggregation in (("clean, mean", False, "mean"), ("attacked, mean", True, "mean"),
-                                            ("attacked, centered-clip", True, "centered-clip")):
-            cases.append(run_case(name, honest=args.honest, attacked=attacked, aggregation=aggregation,
-                                  task=args.task, max_epochs=max_epochs, join_args=args.join_args, console=console))
+        for key, name, attacked, aggregation in (("clean", "clean, mean", False, "mean"),
+                                                 ("mean", "attacked, mean", True, "mean"),
+                                                 ("centered-clip", "attacked, centered-clip", True, "centered-clip")):
+            if args.only in (None, key):
+                cases.append(run_case(name, honest=args.honest, attacked=attacked, aggregation=aggregation,
+                                      task=args.task, max_epochs=max_epochs, join_args=args.join_args,
+                                      console=console, keep=args.keep))
     except SwarmError as e:
         console.print(f"[red]error:[/] {e}")
         for line in e.tail[-15:]:
