@@ -17,9 +17,9 @@ more than ``MAX_NORM_RATIO`` times the median of the other senders' is rejected 
   from the others moves the result by at most ``tau`` per iteration, whatever it sent.
 
 Cost: the reducer keeps every sender's part of its span until the last one arrives (memory: senders x
-span instead of one span), and CenteredClip runs ``ITERATIONS`` passes over them (time ~ 2 x senders x
-span x iterations floating-point operations per round; about 20 ms for 4 senders x 1M floats here),
-all inside the averaging process, overlapping the network transfer of other spans.
+span instead of one span), and CenteredClip sorts them once and runs up to ``ITERATIONS`` passes over
+them, inside the averaging process. Measured on one thread of a loaded 2-core machine: 28 ms for 4
+senders x 100k floats, 0.43 s for 4 x 1M, 2.4 s for 8 x 1M (the mean: 0.2, 9 and 10 ms).
 """
 from __future__ import annotations
 
