@@ -65,8 +65,14 @@ class Bookkeeper:
         self._compute += compute_seconds
         self._losses.append(loss)
 
-    def claim(self, epoch: int, samples: int, gradients: Sequence[torch.Tensor]) -> dict[str, Any]:
-        """Sign this epoch's claim; returns what the round's all-gather carries to groupmates."""
+    def claim(self, epoch: int, samples: int, gradients: Sequence[torch.Tensor]) -> dict[str, Any] | None:
+        """Sign this epoch's claim; returns what the round's all-gather carries to groupmates (None: no claim)."""
+        last = self.ledger.last_record(self.writer.public_key)
+        if last is not None and epoch <= last.epoch:
+            # a peer relaunched from an older checkpoint can train epochs it already claimed before it sees
+            # the swarm's epoch: claiming them again would fork its chain (double_claim, chain_epoch)
+            logger.info(f"no claim for epoch {epoch}: this peer's ledger already reaches epoch {last.epoch}")
+            return None
         mean_loss = sum(self._losses) / len(self._losses) if self._losses else None
         self._claim = self.writer.claim(
             epoch, samples, self._compute,

@@ -258,6 +258,8 @@ class Trainer:
 
     def sync_with_swarm(self) -> bool:
         """Download the model and optimizer state if the swarm is ahead of us (late joiner)."""
+        if self.settings.initial_peers:
+            self._fetch_swarm_progress()
         if self.opt.tracker.global_epoch > self.opt.local_epoch:
             self.stats.stage = "loading state"
             logger.info(f"swarm is at epoch {self.opt.tracker.global_epoch}: downloading its state")
@@ -267,6 +269,15 @@ class Trainer:
             logger.info(f"state downloaded: now at epoch {self.opt.local_epoch}")
             return True
         return False
+
+    def _fetch_swarm_progress(self, timeout: float = 10.0) -> None:
+        """Have the progress tracker read the swarm's epoch now: a peer relaunched from an older checkpoint
+        would otherwise train, alone, epochs the swarm has long passed before it notices."""
+        tracker = self.opt.tracker
+        tracker.fetched_global_progress_this_epoch.clear()
+        tracker.global_progress.next_fetch_time = 0
+        tracker.global_state_updated.set()
+        tracker.fetched_global_progress_this_epoch.wait(timeout)
 
     def wait_for_peers(self) -> None:
         """Hold the first step until ``min_peers`` training peers report, so a swarm starts together."""
