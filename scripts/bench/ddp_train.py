@@ -6,13 +6,16 @@
     # or let the script start N local ranks on 127.0.0.1 itself:
     python scripts/bench/ddp_train.py --nproc 2 [--task fashion-mlp] [--target 0.88] [--time-limit 300]
 
-Trains the task's model exactly as a swarm does, only with a central all-reduce: each rank computes
-micro-batches of the task's batch size (each rank walks its own deterministic permutation, like a swarm
-peer), accumulates gradients until the ranks together hold ``--global-batch`` samples (default: the task's
-swarm-wide target batch size), all-reduces them once (gloo, a mean weighted by samples) and takes one
-step of the task's optimizer at the task's learning rate. Every ``--eval-every`` steps the ranks test on
-the full test set (each half of it; evaluation time is left off the training clock) and stop together
-once accuracy reaches ``--target`` or the clock passes ``--time-limit``.
+Trains the task's model as a swarm does, only with a central all-reduce: each rank computes micro-batches
+of the task's batch size (each rank walks its own deterministic permutation, like a swarm peer),
+accumulates gradients until the ranks together hold ``--global-batch`` samples, all-reduces them once
+(gloo, a mean) and takes one step of the task's optimizer at the task's learning rate. Default global
+batch: the task's batch size x world size when the task trains with local updates (a swarm peer then
+steps on every batch), else the task's swarm-wide target batch size (one step per global epoch). The ranks
+test on the full test set (each half of it; evaluation time is left off the training clock) every
+``--eval-every`` steps, by default whenever the task's target batch size of samples has passed (the
+cadence at which swarm peers check ``--stop-at-accuracy``), and stop together once accuracy reaches
+``--target`` or the clock passes ``--time-limit``.
 
 Rank 0 prints ONE JSON object on stdout: time_to_target (training seconds, evaluation excluded; null if
 not reached), utilisation (forward/backward seconds / training wall seconds), final_accuracy, samples
@@ -63,10 +66,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--time-limit", type=float, default=600.0, help="stop after this many training seconds (600)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--global-batch", type=int, default=None,
-                   help="samples per optimizer step, all ranks together (default: the task's target batch size)")
+                   help="samples per optimizer step, all ranks together (default: see above)")
     p.add_argument("--batch-size", type=int, default=None, help="micro-batch per forward/backward (task's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the task's)")
-    p.add_argument("--eval-every", type=int, default=1, help="optimizer steps between evaluations (1)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="optimizer steps between evaluations (default: every target batch size of samples)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (1)")
     p.add_argument("--seed", type=int, default=0, help="initial weights (0, as p2ptrain)")
     p.add_argument("--backend", default="gloo", help="torch.distributed backend (gloo)")
@@ -133,7 +137,8 @@ def train_rank(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     task = load_task(args.task, args.data_dir)
     micro = args.batch_size or task.batch_size
-    global_batch = args.global_batch or task.target_batch_size
+    local = getattr(task, "local_updates", False)
+    global_batch = args.global_batch or (micro * world if local else task.target_batch_size)
     lr = args.lr or task.lr
     dist.init_process_group(args.backend, rank=rank, world_size=world)  # env:// (MASTER_ADDR, MASTER_PORT)
     torch.manual_seed(args.seed)  # the same initial weights on every rank, as every swarm peer
@@ -141,7 +146,7 @@ def train_rank(args: argparse.Namespace) -> dict:
     opt = task.make_optimizer(model.parameters(), lr)
     params = [p for p in model.parameters() if p.requires_grad]
     per_rank = max(1, global_batch // world)
-    clock, local_step, step, samples = Clock(), 0, 0, 0
+    clock, local_step, step, samples, evaluated_at = Clock(), 0, 0, 0, 0
     accuracy, reached_at = None, None
     dist.barrier()
     clock.start()
@@ -167,8 +172,9 @@ def train_rank(args: argparse.Namespace) -> dict:
         step += 1
         samples += taken * world
         stop_for_time = _agree(clock.training_seconds() >= args.time_limit)
-        if step % args.eval_every == 0 or stop_for_time or step == args.max_steps:
-            accuracy = evaluate(model, task, rank, world, clock)
+        due = step % args.eval_every == 0 if args.eval_every else samples - evaluated_at >= task.target_batch_size
+        if due or stop_for_time or step == args.max_steps:
+            accuracy, evaluated_at = evaluate(model, task, rank, world, clock), samples
             if accuracy >= args.target and reached_at is None:
                 reached_at = clock.training_seconds()
         if reached_at is not None or stop_for_time or (args.max_steps and step >= args.max_steps):

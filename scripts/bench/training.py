@@ -1,15 +1,17 @@
 """Time to a test accuracy and compute utilisation: 1 p2ptrain peer, a 2-peer swarm, and gloo DDP.
 
     python scripts/bench/training.py [--task fashion-mlp] [--target 0.88] [--budget 420] [--json] [--out FILE]
-        [--memory-out FILE] [--rows ddp one swarm swarm-local swarm-fp16 swarm-8bit]
+        [--memory-out FILE] [--rows ddp one swarm swarm-local swarm-accum swarm-fp16 swarm-8bit]
 
 Rows, run one after the other, each on 127.0.0.1 with one torch thread per process:
 
-- ``ddp``: ``ddp_train.py --nproc 2``, gloo DDP with the swarm's global batch, micro-batch and learning rate;
+- ``ddp``: ``ddp_train.py --nproc 2``, gloo DDP with the swarm's micro-batch, optimizer and learning rate and
+  the global batch that matches the task's mode (see ddp_train.py);
 - ``one``: one ``p2ptrain join`` peer (plus a bootstrap DHT peer), the task's defaults;
 - ``swarm``: two ``p2ptrain join`` peers, the task's defaults (``local_swarm.Swarm``: real processes);
-- optional, when the budget allows and p2ptrain has the flag: ``swarm-local`` (``--local-updates``),
-  ``swarm-fp16`` / ``swarm-8bit`` (``--compression``).
+- optional, when the budget allows and p2ptrain has the flag: ``swarm-local`` / ``swarm-accum``
+  (``--local-updates`` / ``--no-local-updates``, whichever is not the task's default), ``swarm-fp16`` /
+  ``swarm-8bit`` (``--compression``).
 
 The p2ptrain peers run with ``--stop-at-accuracy TARGET``: each tests its model on the full test set after
 every global epoch and leaves once it reaches the target; their JSON summary gives ``time_to_accuracy``
@@ -45,10 +47,11 @@ ROWS = {
     "swarm": ("p2ptrain, 2-peer swarm", 2, [], None),
     "ddp": ("torch DDP (gloo), 2 processes", 2, [], None),
     "swarm-local": ("p2ptrain, 2 peers, --local-updates", 2, ["--local-updates"], "--local-updates"),
+    "swarm-accum": ("p2ptrain, 2 peers, --no-local-updates", 2, ["--no-local-updates"], "--no-local-updates"),
     "swarm-fp16": ("p2ptrain, 2 peers, --compression fp16", 2, ["--compression", "fp16"], "--compression"),
     "swarm-8bit": ("p2ptrain, 2 peers, --compression 8bit", 2, ["--compression", "8bit"], "--compression"),
 }
-DEFAULT_ROWS = ["ddp", "one", "swarm", "swarm-local", "swarm-fp16", "swarm-8bit"]
+DEFAULT_ROWS = ["ddp", "one", "swarm", "swarm-local", "swarm-accum", "swarm-fp16", "swarm-8bit"]
 CORE = {"ddp": 1.0, "one": 1.5, "swarm": 3.0}  # shares of the budget, from their times on a quiet machine
 MIN_ROW_SECONDS = 30.0  # a row given less training time than this is skipped, not started
 STARTUP = {"ddp": 15.0}  # seconds to start and leave, on top of a row's training-time limit
@@ -156,6 +159,7 @@ def run(task: str, target: float, budget: float, names: list[str], data_dir: str
         memory_out: Path | None, log=print, save=lambda result: None) -> dict:
     """Every row within ``budget``; ``save`` gets the result so far after each row (a stop keeps them)."""
     helptext = join_flags()
+    local = _task_local_updates(task, data_dir)
     rows, skipped, began = {}, {}, time.monotonic()
     result = {"benchmark": "training", "task": task, "target": target, "budget_seconds": budget, "rows": rows,
               "skipped": skipped, "ratios": {}, "load_average": os.getloadavg()[0], "complete": False}
@@ -164,6 +168,9 @@ def run(task: str, target: float, budget: float, names: list[str], data_dir: str
         label, peers, flags, needs = ROWS[name]
         if needs and needs not in helptext:
             skipped[name] = f"p2ptrain join has no {needs}"
+            continue
+        if (name == "swarm-local" and local) or (name == "swarm-accum" and not local):
+            skipped[name] = "the same as the swarm row: the task's default"
             continue
         left = budget - (time.monotonic() - began)
         # core rows split what is left by their shares (time a row leaves unused passes to the next);
@@ -197,6 +204,12 @@ def run(task: str, target: float, budget: float, names: list[str], data_dir: str
             f"accuracy {_pct(row['final_accuracy'], 2)}, {row['samples']} samples, wall {row['wall_seconds']:.0f} s")
     result.update(complete=True, load_average=max(result["load_average"], os.getloadavg()[0]))
     return result
+
+
+def _task_local_updates(task: str, data_dir: str | None) -> bool:
+    from p2ptrain.tasks import load_task
+
+    return bool(getattr(load_task(task, data_dir), "local_updates", False))
 
 
 def write_json(path: Path | None, result: dict) -> None:
