@@ -9,7 +9,7 @@ script reads those log lines into a live table. Flags after ``--`` go to every `
 Teardown, on success, failure, Ctrl-C, SIGTERM and timeout alike: SIGINT to each peer, up to 15 s for it
 to leave cleanly, then SIGKILL to its whole process group (each peer runs in its own session, so its
 p2pd daemons and hivemind worker processes are in that group), then a sweep for any process still
-carrying this run's token in its environment. ``run_swarm`` does the same as a function (for bench_swarm.py).
+carrying this run's token in its environment. ``run_swarm`` does the same as a function (for scripts/bench/training.py, cheaters.py and chaos.py).
 """
 from __future__ import annotations
 

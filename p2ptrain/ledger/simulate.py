@@ -1,6 +1,6 @@
 """Rounds of a fake swarm, without a network: real keys, real signatures, made-up work.
 
-Used by the tests, ``scripts/bench_ledger.py`` and anyone who wants a ledger to look at. Each round goes
+Used by the tests, ``scripts/bench/ledger.py`` and anyone who wants a ledger to look at. Each round goes
 through the same calls as a real peer (claim, all-gather, check, co-sign), only the all-gather is a dict.
 """
 from __future__ import annotations
