@@ -100,18 +100,7 @@ class ChaosSwarm(Swarm):
         self.retired: list[PeerProcess] = []  # processes that were killed or restarted
 
     def start(self, deadline: float) -> None:
-        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
-        (self.workdir / "keys").mkdir(parents=True, exist_ok=True)
-        self.started = time.monotonic()
-        self.bootstrap = self._spawn("bootstrap", [
-            "bootstrap", "--host-maddrs", LOOPBACK, "--identity", str(self.workdir / "keys" / "bootstrap.key"),
-            "--log-format", "plain"], "bootstrap.log")
-        while not self.bootstrap.address_ready.wait(0.2):
-            if self.bootstrap.proc.poll() is not None:
-                raise SwarmError(f"the bootstrap peer exited with code {self.bootstrap.proc.returncode}",
-                                 self.bootstrap.tail)
-            if time.monotonic() > min(deadline, self.started + STARTUP_SECONDS):
-                raise SwarmError("the bootstrap peer printed no address in time", self.bootstrap.tail)
+        self.start_bootstrap(deadline)
         for slot in self.slots:
             self.launch(slot, min_peers=self.n, resume=False)
 

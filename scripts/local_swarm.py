@@ -293,6 +293,17 @@ class Swarm:
 
     def start(self, deadline: float) -> None:
         """Start the bootstrap, wait for its address, then start every trainer pointing at it."""
+        self.start_bootstrap(deadline)
+        epochs = ["--max-epochs", str(self.max_epochs)] if self.max_epochs else []
+        for i in range(1, self.n + 1):
+            args = ["join", "--initial-peers", self.bootstrap.join_address, "--host-maddrs", LOOPBACK,
+                    "--identity", str(self.workdir / "keys" / f"peer-{i}.key"), "--task", self.task,
+                    "--min-peers", str(self.n), "--join-timeout", f"{STARTUP_SECONDS:g}", *epochs,
+                    "--log-format", "plain", "--json", *self.join_args]
+            self.trainers.append(self._spawn(f"peer {i}", args, f"peer-{i}.log", self.command(i)))
+
+    def start_bootstrap(self, deadline: float) -> None:
+        """Start the bootstrap peer and wait until it prints the address trainers join through."""
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         (self.workdir / "keys").mkdir(parents=True, exist_ok=True)
         self.started = time.monotonic()
@@ -305,13 +316,6 @@ class Swarm:
                                  f"printing its address", self.bootstrap.tail)
             if time.monotonic() > min(deadline, self.started + STARTUP_SECONDS):
                 raise SwarmError("the bootstrap peer printed no address in time", self.bootstrap.tail)
-        epochs = ["--max-epochs", str(self.max_epochs)] if self.max_epochs else []
-        for i in range(1, self.n + 1):
-            args = ["join", "--initial-peers", self.bootstrap.join_address, "--host-maddrs", LOOPBACK,
-                    "--identity", str(self.workdir / "keys" / f"peer-{i}.key"), "--task", self.task,
-                    "--min-peers", str(self.n), "--join-timeout", f"{STARTUP_SECONDS:g}", *epochs,
-                    "--log-format", "plain", "--json", *self.join_args]
-            self.trainers.append(self._spawn(f"peer {i}", args, f"peer-{i}.log", self.command(i)))
 
     def wait(self, deadline: float, *, on_tick: Callable[[], None] | None = None) -> None:
         """Return once every trainer has exited cleanly; raise SwarmError on a failure or at ``deadline``."""
