@@ -187,9 +187,11 @@ class RobustAllReduceRunner(AllReduceRunner):
 
 class RobustAveraging:
     """Mixin for a hivemind ``DecentralizedAverager`` subclass: rounds run :class:`RobustAllReduceRunner`
-    and return :class:`Gathered`. Set ``aggregation`` before the averager's process starts."""
+    and return :class:`Gathered`. Takes ``aggregation`` ("mean" or "centered-clip") as a keyword."""
 
-    aggregation: str = "mean"
+    def __init__(self, *args, aggregation: str = "mean", **kwargs):
+        self.aggregation = aggregation  # before hivemind starts the averager's process, which copies it
+        super().__init__(*args, **kwargs)
 
     async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
         rejected: dict[PeerID, str] = {}

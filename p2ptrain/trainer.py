@@ -66,10 +66,6 @@ class GatheringGradientAverager(RobustAveraging, GradientAverager):
 
     gather: Any = None
 
-    def __init__(self, *args, aggregation: str = "mean", **kwargs):
-        self.aggregation = aggregation  # before hivemind starts the averager's process, which copies it
-        super().__init__(*args, **kwargs)
-
     def step(self, control=None, **kwargs):
         if control is None and self.gather is not None:
             kwargs.setdefault("gather", self.gather)
@@ -79,10 +75,6 @@ class GatheringGradientAverager(RobustAveraging, GradientAverager):
 class RobustStateAverager(RobustAveraging, TrainingStateAverager):
     """hivemind's state averager (weights and optimizer state, every few epochs; what late joiners download)
     with the same screening and aggregation as gradient rounds: one garbage model must not reach the others."""
-
-    def __init__(self, *args, aggregation: str = "mean", **kwargs):
-        self.aggregation = aggregation
-        super().__init__(*args, **kwargs)
 
 
 class SwarmOptimizer(AllowlistOptimizerMixin, hivemind.Optimizer):
