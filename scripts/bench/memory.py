@@ -77,8 +77,8 @@ class MemorySampler:
         self.samples = 0
 
     def sample(self, pids: list[int], force: bool = False) -> None:
-        if not force and time.monotonic() - self._last < self.every:
-            return
+        if not pids or (not force and time.monotonic() - self._last < self.every):
+            return  # no trainer running yet: an empty sample would count without measuring anything
         self._last = time.monotonic()
         self.samples += 1
         for pid in pids:
