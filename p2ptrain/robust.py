@@ -38,6 +38,14 @@ logger = logging.getLogger(__name__)
 
 MAX_NORM_RATIO = 1000.0  # a part 1000x larger than its peers' is garbage, not a gradient (x100 still passes)
 ITERATIONS = 10
+# centered-clip rounds need this many members: of two peers that disagree nobody can tell which one lies,
+# and any aggregate of the pair is as biased as their mean. A peer that finds no such group uses its own update.
+MIN_ROBUST_GROUP = 3
+
+
+def group_options(aggregation: str) -> dict:
+    """Matchmaking keywords for a hivemind averager that combines parts as ``aggregation`` says."""
+    return {"min_group_size": MIN_ROBUST_GROUP} if aggregation == "centered-clip" else {}
 
 
 class Gathered(dict):

@@ -29,7 +29,7 @@ from p2ptrain.config import Settings
 from p2ptrain.errors import UserError
 from p2ptrain.identity import Identity
 from p2ptrain.presence import TTL, read_reports
-from p2ptrain.robust import RobustAveraging
+from p2ptrain.robust import RobustAveraging, group_options
 from p2ptrain.snapshot import LocalStatus, PeerReport
 from p2ptrain.tasks import Task
 
@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 HELDOUT = 512  # test examples behind the per-epoch held-out loss
 ROUTINE = {"routine": True}  # per-epoch lines: the live status line replaces them on a terminal
 OUTER_LR = 1.0  # --local-updates: the outer step lands exactly on the average of the peers' weights
+# one attempt at downloading the swarm's state (a few MB here) gives up after this long: its source is gone;
+# well inside the 60 s a stopping peer has to leave (peer.STOP_GRACE)
+LOAD_STATE_TIMEOUT = 20.0
 
 
 @dataclass
@@ -158,6 +161,35 @@ class SwarmOptimizer(AllowlistOptimizerMixin, hivemind.Optimizer):
         if self.auxiliary:
             super()._maybe_schedule_gradient_averaging()
 
+    def load_state_from_peers(self, **kwargs) -> None:
+        """hivemind's, with one attempt bounded by ``load_state_timeout`` in place of its retry loop.
+
+        hivemind retries a failed download at once and for ever (``while True``), so a peer whose state source
+        died, or that was told to stop meanwhile, hangs there out of reach of its signal handlers. A peer still
+        behind after a failed attempt tries again on its next step, after the trainer has looked for a stop.
+        """
+        if self.scheduled_grads is not None and not self.scheduled_grads.done():
+            self._tag_along_with_zero_weight(self.scheduled_grads)
+            self.scheduled_grads = None
+        self.state_averager.step(wait_for_delayed_updates=True)
+        with self.tracker.pause_updates():
+            try:
+                self.state_averager.load_state_from_peers(timeout=self.load_state_timeout, **kwargs)
+                if self.grad_averager is not None:
+                    self.grad_averager.load_state_from_peers(timeout=self.load_state_timeout, **kwargs)
+            except Exception as e:
+                logger.warning(f"downloading the swarm's state failed ({e!r}); trying again on the next step")
+                return
+            if self.tracker.global_epoch - 1 <= self.local_epoch < self.tracker.global_epoch:
+                self.state_averager.local_epoch = self.tracker.global_epoch
+            self.tracker.report_local_progress(local_epoch=self.local_epoch, samples_accumulated=0)
+            if not self.client_mode:
+                self.state_averager.state_sharing_priority = self.local_epoch
+            if self.use_gradient_averaging:
+                self.grad_averager.reset_accumulated_grads_()
+                if not self.client_mode:
+                    self.grad_averager.state_sharing_priority = self.local_epoch
+
     def _begin_averaging_gradients(self, grad_scaler) -> bool:
         # Without pre-scheduling, scheduled_grads still holds the previous epoch's (finished) round;
         # hivemind would mistake it for a used pre-scheduled group and skip averaging this epoch.
@@ -208,6 +240,9 @@ class Trainer:
         self.inner = task.make_optimizer(self.model.parameters(), lr) if self.local_updates else None
         outer = (lambda params: torch.optim.SGD(params, lr=OUTER_LR)) if self.local_updates else \
             (lambda params: task.make_optimizer(params, lr))
+        # a request timeout below the matchmaking time avoids matchmaking deadlocks (hivemind warns otherwise)
+        averaging = dict(request_timeout=settings.matchmaking_time / 2, aggregation=settings.aggregation,
+                         **group_options(settings.aggregation))
         self.opt = SwarmOptimizer(
             bookkeeper=None if settings.auxiliary else bookkeeper,
             on_round=self._record_round,
@@ -220,6 +255,7 @@ class Trainer:
             batch_size_per_step=None if settings.auxiliary else self.batch_size,
             matchmaking_time=settings.matchmaking_time,
             averaging_timeout=settings.averaging_timeout,
+            load_state_timeout=LOAD_STATE_TIMEOUT,
             # delayed: averaging and the optimizer step run in the background while the next epoch
             # computes, buying compute that never waits for the network at the price of one stale step
             delay_optimizer_step=self.delay_updates,
@@ -228,10 +264,8 @@ class Trainer:
             client_mode=dht.client_mode,  # hivemind inverts this argument; pass it explicitly (see notes)
             auxiliary=settings.auxiliary,
             tracker_opts=dict(private_key=RSAPrivateKey(), min_refresh_period=0.25, default_refresh_period=1.0),
-            # a request timeout below the matchmaking time avoids matchmaking deadlocks (hivemind warns otherwise)
-            averager_opts=dict(request_timeout=settings.matchmaking_time / 2, aggregation=settings.aggregation),
-            grad_averager_factory=partial(GatheringGradientAverager, request_timeout=settings.matchmaking_time / 2,
-                                          aggregation=settings.aggregation),
+            averager_opts=averaging,
+            grad_averager_factory=partial(GatheringGradientAverager, **averaging),
             grad_compression=compression.GRADIENTS[settings.compression],
             state_averaging_compression=compression.STATE[settings.compression],
         )
@@ -256,6 +290,9 @@ class Trainer:
             self.stats.stage = "loading state"
             logger.info(f"swarm is at epoch {self.opt.tracker.global_epoch}: downloading its state")
             self.opt.load_state_from_peers()
+            if self.opt.local_epoch < self.opt.tracker.global_epoch - 1:
+                logger.info("no state downloaded yet: trying again while training")
+                return False
             self.stats.state_downloads += 1
             self._last_good = self._snapshot()
             logger.info(f"state downloaded: now at epoch {self.opt.local_epoch}")
