@@ -24,6 +24,7 @@ from p2ptrain.ledger.writer import LedgerWriter, public_key_of_peer_id, tensor_d
 logger = logging.getLogger(__name__)
 
 SYNC_PERIOD = 5.0  # seconds between background fetches of groupmates' records
+REPUBLISH = 64  # at start, publish this peer's last records again: a crash may have beaten the publisher
 FINAL_SYNC = 10.0  # at exit, keep fetching this long for the last round's co-signatures
 
 
@@ -49,8 +50,27 @@ class Bookkeeper:
         self._outbox: queue.Queue[Record | None] = queue.Queue()
         self._epochs_seen: set[int] = set()
         self._stop = threading.Event()
+        self._recover()
         self._thread = threading.Thread(target=self._replicate, name="p2ptrain-ledger", daemon=True)
         self._thread.start()
+
+    def _recover(self) -> None:
+        """Repair what a crash (SIGKILL, power cut) of an earlier run of this peer left in its chain.
+
+        A record is appended to the ledger file before it is published, so a crash can leave records the
+        DHT never saw (others then see a ``chain_gap``): publish the last ones again. A crash mid-round
+        leaves a claim with no receipt: close that round with a receipt of one, which says "no group
+        finished this round with me" and attests nothing (the claim earns no credit), and whose result
+        digest is that of no tensors, since there was no result.
+        """
+        tail = self.ledger.chain_tail(self.writer.public_key, REPUBLISH)
+        if tail and isinstance(tail[-1], Claim):
+            claim = tail[-1]
+            logger.info(f"ledger: the round of epoch {claim.epoch} never finished (the peer stopped mid-round): "
+                        f"closing it with a receipt of one")
+            tail.append(self.writer.cosign(claim.epoch, {self.writer.public_key: claim.samples}, tensor_digest([])))
+        for record in tail:
+            self._outbox.put(record)
 
     # --- called by the trainer, in order, every epoch -----------------------------------------
 
@@ -106,9 +126,11 @@ class Bookkeeper:
         next_sync = time.monotonic() + SYNC_PERIOD
         while not self._stop.is_set():
             try:
-                record = self._outbox.get(timeout=max(0.0, next_sync - time.monotonic()))
-                if record is not None:
-                    self._publish([record])
+                batch = [self._outbox.get(timeout=max(0.0, next_sync - time.monotonic()))]
+                while not self._outbox.empty():  # all waiting records in one go: their stores run concurrently
+                    batch.append(self._outbox.get_nowait())
+                if records := [record for record in batch if record is not None]:
+                    self._publish(records)
             except queue.Empty:
                 pass
             if time.monotonic() >= next_sync:

@@ -18,12 +18,9 @@ Relaunched peers keep their key, hence their name, run directory and ledger (the
 After the chaos the swarm trains on to ``--max-epochs`` and every trainer exits. Then:
 
 - accuracy: every last-generation trainer's final test accuracy against the task's accuracy bar;
-- ledgers: ``p2ptrain ledger verify --json`` on every trainer's ledger. A SIGKILL mid-round leaves
-  holes that ``verify`` reports by design (a claim whose round never finished, a receipt the victim
-  never co-signed, a chain gap where a record was signed but never published). Each problem is
-  classified: *explained* when it is one of those codes, concerns a killed peer, and lies within a few
-  epochs of one of its kills (a chain gap: at or after one); *unexplained* otherwise. The run passes
-  only with no unexplained problem;
+- ledgers: ``p2ptrain ledger verify --json`` on every trainer's ledger; each must verify clean. A SIGKILL
+  mid-round leaves a claim whose round never finished and records signed but never published; the
+  relaunched peer repairs both before it trains (``Bookkeeper._recover``);
 - leftovers: processes carrying this run's token in their environment (peers, hivemind workers, p2pd),
   counted once every peer has exited or been killed (stragglers) and again after teardown (must be 0);
 - hangs: the whole run is bounded by ``--time-limit``; a trainer still running then is a hang.
@@ -35,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import shutil
@@ -45,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -61,9 +57,6 @@ DEFAULT_OUT = ROOT / "docs" / "bench" / "chaos.json"
 STARTUP_INTERRUPTED = (130, -signal.SIGINT)  # `p2ptrain join` on Ctrl-C before it trains (after "interrupted")
 RESTART_GRACE = 60.0  # a restarted peer's clean exit may take this long (the peer's own STOP_GRACE)
 FINAL_GRACE = 30.0  # SIGINT grace for peers still running when the run ends early
-# what a SIGKILL mid-round leaves in ledgers (see the module docstring); anything else is unexplained
-KILL_CODES = {"claim_without_receipt", "missing_cosignature", "chain_gap"}
-KILL_EPOCH_SLACK = 3  # a kill's holes lie within this many epochs of the victim's last logged epoch
 
 
 @dataclass
@@ -87,7 +80,6 @@ class Slot:
     generation: int = 0
     public_key: str | None = None
     name: str | None = None
-    kills: list[int] = field(default_factory=list)  # the victim's last logged epoch at each kill
     stopping: tuple[Action, float] | None = None  # a restart in progress: its action and its deadline
 
 
@@ -181,20 +173,6 @@ def verify_ledger(path: Path) -> dict:
         return json.loads(done.stdout.strip().splitlines()[-1])
     except (json.JSONDecodeError, IndexError):
         return {"ok": False, "error": (done.stderr.strip().splitlines() or ["no output"])[-1], "problems": []}
-
-
-def classify(problems: list[dict], kills: dict[str, list[int]]) -> tuple[list[dict], list[dict]]:
-    """Split ``verify`` problems into (explained by a kill, unexplained); ``kills``: public key -> epochs."""
-    explained, unexplained = [], []
-    for problem in problems:
-        epochs = kills.get(problem.get("public_key") or "", [])
-        epoch = problem.get("epoch")
-        # a chain gap is reported at the record after it: the relaunched peer's next one, which comes once it
-        # has caught up with the swarm, any number of epochs after the kill
-        after = math.inf if problem.get("code") == "chain_gap" else KILL_EPOCH_SLACK
-        near = epoch is not None and any(e - KILL_EPOCH_SLACK <= epoch <= e + after for e in epochs)
-        (explained if problem.get("code") in KILL_CODES and near else unexplained).append(problem)
-    return explained, unexplained
 
 
 def run_chaos(*, peers: int = 4, task: str = "digits-mlp", duration: float = 120.0, interval: float = 8.0,
@@ -324,19 +302,17 @@ def run_chaos(*, peers: int = 4, task: str = "digits-mlp", duration: float = 120
     finished = all(f["exit_code"] == 0 and f["epoch"] == max_epochs and not f["interrupted"] for f in finals)
 
     # ledgers: one per slot (a relaunched peer continues its ledger)
-    kills = {slot.public_key: slot.kills for slot in swarm.slots if slot.public_key}
     ledgers = []
     for slot in swarm.slots:
         path = home / "runs" / "p2ptrain" / (slot.name or "?") / "ledger.sqlite"
         result = verify_ledger(path) if path.exists() else {"ok": False, "error": "no ledger file", "problems": []}
-        explained, unexplained = classify(result.get("problems", []), kills)
+        problems = result.get("problems", [])
         ledgers.append({"slot": slot.index, "name": slot.name, "path": str(path), "ok": result.get("ok", False),
                         "records": result.get("records"), "peers": result.get("peers"),
                         "claims": result.get("claims"), "receipts": result.get("receipts"),
-                        "error": result.get("error"), "problems": len(result.get("problems", [])),
-                        "explained_by_kills": _count_codes(explained), "unexplained": _count_codes(unexplained),
-                        "unexplained_detail": [p.get("message", "") + f" ({p.get('code')}, {p.get('peer')}, "
-                                               f"epoch {p.get('epoch')})" for p in unexplained][:10]})
+                        "error": result.get("error"), "problems": len(problems), "problem_codes": _count_codes(problems),
+                        "problem_detail": [p.get("message", "") + f" ({p.get('code')}, {p.get('peer')}, "
+                                           f"epoch {p.get('epoch')})" for p in problems][:10]})
 
     wall = time.monotonic() - begin
     report.update({
@@ -353,8 +329,6 @@ def run_chaos(*, peers: int = 4, task: str = "digits-mlp", duration: float = 120
         "all_finished": finished,
         "ledgers": ledgers,
         "ledgers_clean": all(entry["ok"] for entry in ledgers),
-        "ledgers_unexplained_problems": sum(sum(entry["unexplained"].values()) for entry in ledgers)
-        + sum(1 for entry in ledgers if entry["error"]),
         "stragglers_before_sweep": stragglers,
         "leftover_processes": after_teardown,
         "hung": hung,
@@ -362,7 +336,7 @@ def run_chaos(*, peers: int = 4, task: str = "digits-mlp", duration: float = 120
         "wall_seconds": round(wall, 1),
     })
     report["ok"] = bool(finished and not hung and not after_teardown and not problems_seen
-                        and report["ledgers_unexplained_problems"] == 0
+                        and report["ledgers_clean"]
                         and report["reached_accuracy_bar"] is not False and wall <= time_limit)
     if own_dir and not keep:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -380,7 +354,6 @@ def _do(swarm: ChaosSwarm, slot: Slot, kind: str, rng: random.Random, actions: l
                     epoch=process.epoch)
     if kind == "kill":
         count = swarm.sigkill(process)
-        slot.kills.append(process.epoch or 0)
         action.detail = f"SIGKILL to {count} processes"
         resume = _checkpoint_exists(home, slot.name) and rng.random() < 0.5
     else:  # SIGINT now; the relaunch follows once it has left (_finish_restarts), the chaos goes on meanwhile
@@ -486,11 +459,11 @@ def print_report(report: dict, console: Console) -> None:
                       f"{f['rounds_averaged']}/{f['rounds']}", str(f["ledger_clean_at_exit"]))
     console.print(final)
     ledgers = Table(title="ledger verify", title_justify="left", box=None)
-    for column in ("peer", "records", "clean", "explained by kills", "unexplained"):
+    for column in ("peer", "records", "clean", "problems"):
         ledgers.add_column(column, no_wrap=column == "peer")
     for entry in report["ledgers"]:
         ledgers.add_row(f"{entry['slot']} {entry['name']}", str(entry["records"]), str(entry["ok"]),
-                        _codes(entry["explained_by_kills"]), entry["error"] or _codes(entry["unexplained"]))
+                        entry["error"] or _codes(entry["problem_codes"]))
     console.print(ledgers)
     bar = report["config"]["accuracy_bar"]
     accuracy = report["final_accuracy_min"]
@@ -498,7 +471,7 @@ def print_report(report: dict, console: Console) -> None:
         f"kills survived {report['kills']}, restarts {report['restarts']} in {report['chaos_seconds']:.0f}s of chaos; "
         f"final accuracy min {'n/a' if accuracy is None else f'{accuracy:.4f}'}"
         + (f" (bar {bar})" if bar is not None else "") + f"; all finished: {report['all_finished']}; "
-        f"ledgers clean: {report['ledgers_clean']}, unexplained problems: {report['ledgers_unexplained_problems']}; "
+        f"ledgers clean: {report['ledgers_clean']}; "
         f"stragglers before sweep: {len(report['stragglers_before_sweep'])}; "
         f"leftover processes: {len(report['leftover_processes'])}; hung: {len(report['hung'])}; "
         f"wall {report['wall_seconds']:.0f}s -> {'OK' if report['ok'] else 'FAILED'}",

@@ -1,5 +1,5 @@
 """``scripts/chaos.py --quick``: trainers of a real local swarm are SIGKILLed and restarted, and the run's JSON
-report holds the invariants of the chaos run (every trainer finishes, no unexplained ledger problem, nothing
+report holds the invariants of the chaos run (every trainer finishes, every ledger verifies clean, nothing
 left running, nothing hung). The full run (4 trainers, 2 minutes) is ``python scripts/chaos.py``.
 """
 from __future__ import annotations
@@ -32,9 +32,9 @@ def test_quick_chaos_run_survives_kills_and_restarts(tmp_path: Path) -> None:
     # every slot's last process trained to the end and exited cleanly
     assert report["all_finished"] and not report["peer_failures"], context
     assert all(f["exit_code"] == 0 and f["epoch"] == report["config"]["max_epochs"] for f in report["final"])
-    # every ledger was verified; whatever verify reports is a hole a SIGKILL explains
+    # every ledger verifies clean: relaunched peers repaired what their SIGKILLs left
     assert len(report["ledgers"]) == 2 and all(entry["records"] for entry in report["ledgers"]), report["ledgers"]
-    assert report["ledgers_unexplained_problems"] == 0, report["ledgers"]
+    assert report["ledgers_clean"], report["ledgers"]
     # nothing left running, nothing hung, and the script says so with its exit status
     assert report["leftover_processes"] == [] and report["hung"] == [], report
     assert report["stragglers_before_sweep"] == [], report["stragglers_before_sweep"]

@@ -17,7 +17,11 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.serializer import MSGPackSerializer
 
+from p2ptrain.bookkeeper import Bookkeeper
+from p2ptrain.identity import Identity
 from p2ptrain.ledger import Ledger, sign
+from p2ptrain.ledger.audit import verify
+from p2ptrain.ledger.writer import LedgerWriter
 from p2ptrain.ledger.dht import Ed25519RecordValidator, fetch, ledger_key, ledger_key_id, publish, subkey_of, sync
 from p2ptrain.ledger.simulate import make_peers, run_round
 
@@ -173,5 +177,35 @@ def test_forged_store_is_refused_by_other_peers_and_good_one_is_fetched(records,
         assert len(fetch_until(honest[1], [2], 4)) == 4 and len(fetch_until(behind_nat, [0, 1, 2], 12)) == 12
     finally:
         for dht in [*honest, attacker, behind_nat]:
+            if dht is not None:
+                dht.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_a_relaunched_peer_publishes_what_a_crash_held_back_and_closes_its_open_round(tmp_path):
+    """A SIGKILL after signing and before publishing, in the middle of a round: the next run of the peer
+    publishes the records again and closes the round with a receipt of one, so every copy verifies clean."""
+    identity = Identity.generate(tmp_path / "me.key")
+    assignment = {"first_step": 0, "steps": 2, "batch_size": 32}
+    with Ledger(tmp_path / "me.sqlite", run_id=RUN) as ledger:  # the first run: it signs, and dies
+        writer = LedgerWriter(identity, RUN, ledger)
+        writer.claim(0, 64, 0.1, assignment, "a" * 64, "b" * 64, 1.0)
+        writer.cosign(0, {identity.public_key: 64}, "c" * 64)
+        writer.claim(1, 64, 0.1, assignment, "a" * 64, "b" * 64, 1.0)
+    assert not verify(Ledger(tmp_path / "me.sqlite", run_id=RUN).records(), run_id=RUN).ok  # claim_without_receipt
+    relaunched = other = None
+    try:
+        relaunched = hivemind.DHT(start=True, host_maddrs=LOCAL, record_validators=[Ed25519RecordValidator(RUN)])
+        other = hivemind.DHT(start=True, host_maddrs=LOCAL, initial_peers=relaunched.get_visible_maddrs(),
+                             record_validators=[Ed25519RecordValidator(RUN)])
+        with Ledger(tmp_path / "me.sqlite", run_id=RUN) as ledger:
+            bookkeeper = Bookkeeper(identity, RUN, ledger, relaunched, batch_size=32)
+            found = fetch_until(other, [0, 1], 4)
+            assert bookkeeper.finish()  # its own copy verifies clean
+            assert len(ledger) == 4
+        assert sorted(r.kind for r in found) == ["claim", "claim", "receipt", "receipt"]
+        assert verify(sorted(found, key=lambda r: r.seq), run_id=RUN).ok  # and so does what another peer fetched
+    finally:
+        for dht in (relaunched, other):
             if dht is not None:
                 dht.shutdown()

@@ -221,6 +221,15 @@ class Ledger:
         except RecordError as e:
             raise UserError(f"ledger {self.path} row {rows[0][0]} is not a valid record: {e}") from None
 
+    def chain_tail(self, public_key: bytes, count: int) -> list[Record]:
+        """The last ``count`` records signed by ``public_key``, in chain order."""
+        rows = self._query("SELECT id, json FROM records WHERE public_key = ? ORDER BY seq DESC, id DESC LIMIT ?",
+                           (public_key.hex(), count))
+        try:
+            return [from_json(text) for _, text in reversed(rows)]
+        except RecordError as e:
+            raise UserError(f"ledger {self.path}: a record of this peer is not valid: {e}") from None
+
     def last_hash(self, public_key: bytes) -> str | None:
         last = self.last_record(public_key)
         return None if last is None else last.hash
