@@ -153,9 +153,9 @@ class Bookkeeper:
             logger.debug(f"ledger sync failed: {e!r}")
             return 0
 
-    def finish(self) -> bool:
-        """Publish what is left, then fetch every epoch we took part in until the ledger verifies clean
-        (groupmates' last co-signatures arrive a moment after ours) or FINAL_SYNC passes."""
+    def finish(self, epoch: int) -> bool:
+        """Publish what is left, then fetch every epoch up to ``epoch`` (the peer's own) until the ledger
+        verifies clean (groupmates' last co-signatures arrive a moment after ours) or FINAL_SYNC passes."""
         self._stop.set()
         self._outbox.put(None)
         self._thread.join(timeout=5)
@@ -165,8 +165,9 @@ class Bookkeeper:
                 pending.append(record)
         if pending:
             self._publish(pending)
-        # every epoch, not only ours: a peer that loaded state mid-run would otherwise keep a partial copy
-        epochs = list(range(max(self._epochs_seen, default=-1) + 1))
+        # every epoch, not only those of our rounds: a peer that loaded state mid-run, or that was relaunched
+        # and left before it closed a round, would otherwise keep a partial copy
+        epochs = list(range(max(epoch, *self._epochs_seen, -1) + 1))
         deadline = time.monotonic() + FINAL_SYNC
         while True:
             self._sync(epochs)

@@ -128,7 +128,7 @@ def _watchdog(dht, stop_requested: threading.Event) -> None:
     reach a thread stuck there. The periodic checkpoints are on disk; exit non-zero and say why.
     """
     while not stop_requested.wait(1.0):
-        if not dht.is_alive():
+        if not dht.is_alive() and not _left.is_set():  # (after a clean leave the DHT is down on purpose)
             logger.error("the peer's DHT process died: leaving")
             stop_requested.set()
     if not _left.wait(STOP_GRACE):

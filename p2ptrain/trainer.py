@@ -21,6 +21,7 @@ import torch
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.timed_storage import get_dht_time
 
 from p2ptrain import compression
 from p2ptrain.allowlist import AllowlistOptimizerMixin
@@ -40,6 +41,8 @@ OUTER_LR = 1.0  # --local-updates: the outer step lands exactly on the average o
 # one attempt at downloading the swarm's state (a few MB here) gives up after this long: its source is gone;
 # well inside the 60 s a stopping peer has to leave (peer.STOP_GRACE)
 LOAD_STATE_TIMEOUT = 20.0
+PROGRESS_TTL = 20.0  # seconds a peer's record in hivemind's {run_id}_progress lives without a refresh
+LOAD_RETRY_FIRST, LOAD_RETRY_MAX = 1.0, 8.0  # seconds between two attempts at downloading the swarm's state
 
 
 @dataclass
@@ -101,6 +104,7 @@ class SwarmOptimizer(AllowlistOptimizerMixin, hivemind.Optimizer):
         self.state_averager_class = RobustStateAverager  # read by AllowlistOptimizerMixin._make_state_averager
         self.in_round = False
         self._round_epoch = 0
+        self._load_retry_at, self._load_retry_delay = 0.0, LOAD_RETRY_FIRST
         super().__init__(**kwargs)
 
     def _check_and_accumulate_gradients(self, batch_size: int, grad_scaler) -> bool:
@@ -166,8 +170,13 @@ class SwarmOptimizer(AllowlistOptimizerMixin, hivemind.Optimizer):
 
         hivemind retries a failed download at once and for ever (``while True``), so a peer whose state source
         died, or that was told to stop meanwhile, hangs there out of reach of its signal handlers. A peer still
-        behind after a failed attempt tries again on its next step, after the trainer has looked for a stop.
+        behind after an attempt tries again on a later step, after the trainer has looked for a stop; the
+        wait between attempts doubles up to LOAD_RETRY_MAX (every source may be gone: the swarm's epoch is
+        only a record in the DHT, which outlives a crashed peer by up to a minute).
         """
+        if time.monotonic() < self._load_retry_at:
+            time.sleep(min(0.5, self._load_retry_at - time.monotonic()))  # the step is lost anyway: don't spin
+            return
         if self.scheduled_grads is not None and not self.scheduled_grads.done():
             self._tag_along_with_zero_weight(self.scheduled_grads)
             self.scheduled_grads = None
@@ -178,8 +187,14 @@ class SwarmOptimizer(AllowlistOptimizerMixin, hivemind.Optimizer):
                 if self.grad_averager is not None:
                     self.grad_averager.load_state_from_peers(timeout=self.load_state_timeout, **kwargs)
             except Exception as e:
-                logger.warning(f"downloading the swarm's state failed ({e!r}); trying again on the next step")
+                logger.warning(f"downloading the swarm's state failed ({e!r})")
+            if self.local_epoch < self.tracker.global_epoch - 1:
+                logger.info(f"no peer served the state of epoch {self.tracker.global_epoch}: trying again in "
+                            f"{self._load_retry_delay:g}s")
+                self._load_retry_at = time.monotonic() + self._load_retry_delay
+                self._load_retry_delay = min(2 * self._load_retry_delay, LOAD_RETRY_MAX)
                 return
+            self._load_retry_delay = LOAD_RETRY_FIRST
             if self.tracker.global_epoch - 1 <= self.local_epoch < self.tracker.global_epoch:
                 self.state_averager.local_epoch = self.tracker.global_epoch
             self.tracker.report_local_progress(local_epoch=self.local_epoch, samples_accumulated=0)
@@ -263,7 +278,10 @@ class Trainer:
             average_state_every=5,  # weights stay in sync through identical averaged gradients; this repairs drift
             client_mode=dht.client_mode,  # hivemind inverts this argument; pass it explicitly (see notes)
             auxiliary=settings.auxiliary,
-            tracker_opts=dict(private_key=RSAPrivateKey(), min_refresh_period=0.25, default_refresh_period=1.0),
+            # a crashed peer's progress record counts it (hence a round to wait for) until it expires: 20 s,
+            # not hivemind's 60; a live peer re-sends its record every half of that, at least
+            tracker_opts=dict(private_key=RSAPrivateKey(), min_refresh_period=0.25, default_refresh_period=1.0,
+                              metadata_expiration=PROGRESS_TTL),
             averager_opts=averaging,
             grad_averager_factory=partial(GatheringGradientAverager, **averaging),
             grad_compression=compression.GRADIENTS[settings.compression],
@@ -291,8 +309,7 @@ class Trainer:
             logger.info(f"swarm is at epoch {self.opt.tracker.global_epoch}: downloading its state")
             self.opt.load_state_from_peers()
             if self.opt.local_epoch < self.opt.tracker.global_epoch - 1:
-                logger.info("no state downloaded yet: trying again while training")
-                return False
+                return False  # tried again from the training loop
             self.stats.state_downloads += 1
             self._last_good = self._snapshot()
             logger.info(f"state downloaded: now at epoch {self.opt.local_epoch}")
@@ -439,10 +456,26 @@ class Trainer:
             self._restore(self._last_good)
         self.save_checkpoint()
         if self.bookkeeper is not None:
-            self.stats.ledger_clean = self.bookkeeper.finish()
+            self.stats.ledger_clean = self.bookkeeper.finish(self.opt.local_epoch)
 
     def shutdown(self) -> None:
         self.opt.shutdown()
+        self._clear_progress()
+
+    def _clear_progress(self, timeout: float = 5.0) -> None:
+        """Remove this peer's record from the swarm's progress, and wait until the DHT took it.
+
+        hivemind's tracker sends the same goodbye on shutdown but does not wait, and the DHT stops right
+        after, so the goodbye was often lost: the swarm's epoch then stayed this peer's for up to a minute
+        (the record's expiration), and a peer that joined meanwhile waited for a state no one served.
+        """
+        tracker = self.opt.tracker
+        future = self.dht.store(tracker.training_progress_key, subkey=tracker._local_public_key, value=None,
+                                expiration_time=get_dht_time() + tracker.metadata_expiration, return_future=True)
+        try:
+            future.result(timeout)
+        except Exception as e:
+            logger.debug(f"clearing this peer's progress record failed: {e!r}")
 
     # --- per-epoch bookkeeping ----------------------------------------------------------------
 

@@ -23,6 +23,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.schema import SchemaValidator
+from hivemind.optim.progress_tracker import TrainingProgressSchema
+
 from p2ptrain.config import Settings
 from p2ptrain.monitor import Collector
 from p2ptrain.presence import PERIOD, TTL, read_reports
@@ -37,7 +41,17 @@ JOIN_ADDRESS = re.compile(r"p2ptrain join --initial-peers (\S+)")
 
 
 def _monitor_dht(address: str):
-    return start_dht(Settings(initial_peers=[address], host_maddrs=["/ip4/127.0.0.1/tcp/0"]), None, client_mode=True)
+    # with hivemind's validators for its progress record, so that reads of it come back parsed
+    return start_dht(Settings(initial_peers=[address], host_maddrs=["/ip4/127.0.0.1/tcp/0"]), None, client_mode=True,
+                     record_validators=[RSASignatureValidator(), SchemaValidator(TrainingProgressSchema, prefix=RUN)])
+
+
+def _in_progress(dht) -> int:
+    """How many peers hivemind's progress record (``{run}_progress``: the swarm's epoch and samples) counts."""
+    found = dht.get(f"{RUN}_progress", latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return 0
+    return sum(1 for item in found.value.values() if item.value is not None)
 
 
 def _peer_id(peer: PeerProcess) -> str:
@@ -58,6 +72,7 @@ def test_clean_leave_is_announced_and_a_crash_is_detected_within_the_bound(swarm
             return {p.peer_id: p for p in collector.refresh().peers if p.role == "trainer"}
 
         leaver.wait_until(lambda: {leaver_id, victim_id} <= set(trainers()), "both trainers in the monitor", 120)
+        leaver.wait_until(lambda: _in_progress(dht) == 2, "both trainers in the swarm's progress", 60)
 
         # --- clean shutdown: Ctrl-C ---
         leaver.interrupt()
@@ -74,6 +89,9 @@ def test_clean_leave_is_announced_and_a_crash_is_detected_within_the_bound(swarm
             assert time.monotonic() < deadline, f"left at {left_at}, exited at {exited_at}\n{leaver.describe()}"
             time.sleep(0.2)
         assert leaver.popen.returncode == 0 and leaver.summary()["interrupted"], leaver.describe()
+        # and it took its entry out of the swarm's progress before it exited (else the swarm's epoch and
+        # samples would count it for a minute more)
+        assert _in_progress(dht) == 1
         events = [e for e in collector.refresh().events
                   if e.peer == leaver.summary()["name"] and e.kind in ("joined", "stale", "returned", "left")]
         # dropped on its announcement, not by a timeout, and before it went stale

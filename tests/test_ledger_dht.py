@@ -201,10 +201,14 @@ def test_a_relaunched_peer_publishes_what_a_crash_held_back_and_closes_its_open_
         with Ledger(tmp_path / "me.sqlite", run_id=RUN) as ledger:
             bookkeeper = Bookkeeper(identity, RUN, ledger, relaunched, batch_size=32)
             found = fetch_until(other, [0, 1], 4)
-            assert bookkeeper.finish()  # its own copy verifies clean
+            assert bookkeeper.finish(2)  # its own copy verifies clean
             assert len(ledger) == 4
         assert sorted(r.kind for r in found) == ["claim", "claim", "receipt", "receipt"]
         assert verify(sorted(found, key=lambda r: r.seq), run_id=RUN).ok  # and so does what another peer fetched
+        # a peer that leaves before it closed a round of its own still fetches every epoch up to its own
+        with Ledger(tmp_path / "newcomer.sqlite", run_id=RUN) as ledger:
+            newcomer = Bookkeeper(Identity.generate(tmp_path / "newcomer.key"), RUN, ledger, other, batch_size=32)
+            assert newcomer.finish(2) and len(ledger) == 4
     finally:
         for dht in (relaunched, other):
             if dht is not None:
