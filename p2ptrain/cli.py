@@ -516,11 +516,17 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
     report = verify(entries, run_id=run_id)
     summary = report.summary()
     if args.json:
-        print(json.dumps({"ledger": label, **summary, "problems": [p.to_dict() for p in report.problems]}))
+        print(json.dumps({"ledger": label, **summary, "problems": [p.to_dict() for p in report.problems],
+                          "pending": [p.to_dict() for p in report.pending]}))
         return 0 if report.ok else 1
     console.print(f"{label} (run {report.run_id}): {summary['records']} records from {summary['peers']} peers, "
                   f"{summary['claims']} claims, {summary['receipts']} receipts "
                   f"({summary['cosignatures']} co-signatures)", soft_wrap=True)
+    if report.pending:
+        console.print(f"{len(report.pending)} round{'s' if len(report.pending) != 1 else ''} pending (a peer's newest "
+                      f"claim has no receipt yet; it earns no credit until one attests it):")
+        for entry in report.pending:
+            console.print(f"  {entry.describe()}", soft_wrap=True, markup=False)
     if report.ok:
         console.print("[green]clean:[/] every signature, chain and claim checks out")
         return 0

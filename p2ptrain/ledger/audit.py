@@ -36,6 +36,10 @@ PROBLEM_CODES = {
     "wrong_peer": "a claim arrived from a peer other than its signer",
     "wrong_epoch": "a claim is for another epoch than the current round",
 }
+# not a problem: a peer's newest record is a claim with no receipt yet. Its round may still be running when
+# this copy was taken (every live peer's newest round is), or the peer stopped mid-round and never came
+# back. Either way the claim earns no credit until a receipt attests it.
+PENDING = "round_pending"
 
 Entry = Union[Record, tuple[Record, str]]
 
@@ -90,6 +94,7 @@ class AuditReport:
     records: int
     peers: int
     problems: tuple[Problem, ...]
+    pending: tuple[Problem, ...] = ()  # claims at the head of their chain with no receipt yet (see PENDING)
     claims: tuple[Claim, ...] = field(repr=False, default=())
     receipts: tuple[Receipt, ...] = field(repr=False, default=())
 
@@ -100,7 +105,8 @@ class AuditReport:
     def summary(self) -> dict[str, Any]:
         return {"ok": self.ok, "run_id": self.run_id, "records": self.records, "peers": self.peers,
                 "claims": len(self.claims), "receipts": len(self.receipts),
-                "cosignatures": sum(len(r.signatures) for r in self.receipts), "problems": len(self.problems)}
+                "cosignatures": sum(len(r.signatures) for r in self.receipts), "problems": len(self.problems),
+                "pending": len(self.pending)}
 
 
 def verify(entries: Iterable[Entry], *, run_id: str | None = None) -> AuditReport:
@@ -147,11 +153,15 @@ def _verify(pairs: list[tuple[Record, str | None]], run_id: str | None) -> Audit
     receipts = assemble_receipts(signatures)
     where_of = {r.hash: w for r, w in good}
     problems += _check_receipts(receipts, where_of)
-    problems += _check_claims(claims, receipts)
+    heads: dict[bytes, int] = {}
+    for record, _ in good:
+        heads[record.public_key] = max(record.seq, heads.get(record.public_key, -1))
+    unattested, pending = _check_claims(claims, receipts, heads)
+    problems += unattested
 
     peers = {r.public_key for r, _ in pairs}
     return AuditReport(run_id=run_id, records=len(pairs), peers=len(peers), problems=tuple(problems),
-                       claims=tuple(r for r, _ in claims), receipts=tuple(receipts))
+                       pending=tuple(pending), claims=tuple(r for r, _ in claims), receipts=tuple(receipts))
 
 
 def _check_chains(good: Sequence[tuple[Record, str | None]], invalid_seqs: dict[bytes, set[int]]) -> list[Problem]:
@@ -231,8 +241,11 @@ def _check_receipts(receipts: Sequence[Receipt], where_of: dict[str, str | None]
     return problems
 
 
-def _check_claims(claims: Sequence[tuple[Claim, str | None]], receipts: Sequence[Receipt]) -> list[Problem]:
+def _check_claims(claims: Sequence[tuple[Claim, str | None]], receipts: Sequence[Receipt],
+                  heads: dict[bytes, int]) -> tuple[list[Problem], list[Problem]]:
+    """(problems, pending): ``heads`` maps each signer to the highest seq of its records in this ledger."""
     problems: list[Problem] = []
+    pending: list[Problem] = []
     weight_of: dict[tuple[bytes, int], int] = {}
     for receipt in receipts:
         for key, weight in receipt.first.members:
@@ -244,11 +257,15 @@ def _check_claims(claims: Sequence[tuple[Claim, str | None]], receipts: Sequence
             problems.append(problem_about("double_claim", f"a second claim for epoch {claim.epoch} (the first is "
                                           f"{earlier.hash[:12]}: {earlier.samples} samples)", claim, where))
         weight = weight_of.get((claim.public_key, claim.epoch))
-        if weight is None:
+        if weight is None and claim.seq == heads.get(claim.public_key):
+            pending.append(problem_about(PENDING, f"claims {claim.samples} samples; no receipt of epoch "
+                                         f"{claim.epoch} yet: the round may still be running, or the peer stopped "
+                                         f"mid-round", claim, where))
+        elif weight is None:
             problems.append(problem_about("claim_without_receipt", f"claims {claim.samples} samples but no receipt "
                                           f"of epoch {claim.epoch} lists this peer", claim, where))
         elif claim.samples > weight * (1 + TOLERANCE):
             ratio = f"{claim.samples / weight:.1f}x" if weight else "weight 0"
             problems.append(problem_about("claim_exceeds_weight", f"claims {claim.samples} samples but its group "
                                           f"used weight {weight} in the all-reduce ({ratio})", claim, where))
-    return problems
+    return problems, pending
