@@ -172,7 +172,7 @@ class SwarmOptimizer(AllowlistOptimizerMixin, hivemind.Optimizer):
         died, or that was told to stop meanwhile, hangs there out of reach of its signal handlers. A peer still
         behind after an attempt tries again on a later step, after the trainer has looked for a stop; the
         wait between attempts doubles up to LOAD_RETRY_MAX (every source may be gone: the swarm's epoch is
-        only a record in the DHT, which outlives a crashed peer by up to a minute).
+        only a record in the DHT, which outlives a crashed peer by up to PROGRESS_TTL).
         """
         if time.monotonic() < self._load_retry_at:
             time.sleep(min(0.5, self._load_retry_at - time.monotonic()))  # the step is lost anyway: don't spin
@@ -466,14 +466,14 @@ class Trainer:
         """Remove this peer's record from the swarm's progress, and wait until the DHT took it.
 
         hivemind's tracker sends the same goodbye on shutdown but does not wait, and the DHT stops right
-        after, so the goodbye was often lost: the swarm's epoch then stayed this peer's for up to a minute
-        (the record's expiration), and a peer that joined meanwhile waited for a state no one served.
+        after, so the goodbye was often lost: the swarm's epoch then stayed this peer's until the record
+        expired, and a peer that joined meanwhile waited for a state no one served.
         """
         tracker = self.opt.tracker
-        future = self.dht.store(tracker.training_progress_key, subkey=tracker._local_public_key, value=None,
-                                expiration_time=get_dht_time() + tracker.metadata_expiration, return_future=True)
-        try:
-            future.result(timeout)
+        try:  # the DHT process may be dead (the watchdog's case): then this fails or times out, and that is all
+            self.dht.store(tracker.training_progress_key, subkey=tracker._local_public_key, value=None,
+                           expiration_time=get_dht_time() + tracker.metadata_expiration,
+                           return_future=True).result(timeout)
         except Exception as e:
             logger.debug(f"clearing this peer's progress record failed: {e!r}")
 
