@@ -136,6 +136,8 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_continues(swarm: Swarm) -> None:
     assert summary["interrupted"] and 8 <= summary["epoch"] < 60, a.describe()
     meta = json.loads((checkpoint_dir / "meta.json").read_text())
     assert meta["epoch"] == summary["epoch"], a.describe()
+    # with local updates (the task's default) the state worth keeping is the inner Adam's, not the outer SGD's
+    assert meta["optimizer"]["class"] == "Adam" and meta["optimizer"]["state"], meta["optimizer"]
     assert f"checkpoint written to {checkpoint_dir} (epoch {meta['epoch']}" in a.stderr()
     stopped_at = meta["epoch"]
 
