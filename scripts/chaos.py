@@ -513,9 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            accuracy_bar=args.accuracy_bar, kill_share=args.kill_share, workdir=args.workdir,
                            keep=args.keep, console=console)
     except SwarmError as e:
-        console.print(f"[red]error:[/] {e}", soft_wrap=True)
-        for line in e.tail:
-            console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+        e.show(console)
         return 1
     except KeyboardInterrupt:
         console.print("interrupted: the swarm is stopped")

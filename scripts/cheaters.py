@@ -116,9 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       task=args.task, max_epochs=max_epochs, join_args=args.join_args,
                                       console=console, keep=args.keep))
     except SwarmError as e:
-        console.print(f"[red]error:[/] {e}")
-        for line in e.tail[-15:]:
-            console.print(f"  {line}", markup=False)
+        e.show(console, lines=15)
         return 1
     render(cases, console)
     report = {"task": args.task, "honest": args.honest, "join_args": args.join_args, "quick": args.quick,

@@ -63,6 +63,12 @@ class SwarmError(Exception):
         super().__init__(message)
         self.tail = list(tail)
 
+    def show(self, console: Console, lines: int | None = None) -> None:
+        """Print the error and the last ``lines`` (default: all) log lines behind it."""
+        console.print(f"[red]error:[/] {self}", soft_wrap=True)
+        for line in self.tail[-lines if lines else None:]:
+            console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+
 
 # ---- what the script reports -------------------------------------------------------------------------
 
@@ -574,9 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_swarm(peers=args.peers, task=args.task, max_epochs=args.max_epochs, timeout=args.timeout,
                            workdir=args.workdir, keep=args.keep, join_args=join_args, console=err)
     except SwarmError as e:
-        err.print(f"[red]error:[/] {e}", soft_wrap=True)
-        for line in e.tail:
-            err.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+        e.show(err)
         return 1
     except KeyboardInterrupt:
         err.print("interrupted: the swarm is stopped")
